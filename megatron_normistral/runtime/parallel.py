@@ -1,0 +1,122 @@
+"""Distributed start-up: torch.distributed from torchrun's environment, then megatron-core's
+model-parallel groups from a :class:`ParallelConfig`.
+
+The backend follows the hardware: NCCL where CUDA is available (NVIDIA, and AMD through
+ROCm's torch.cuda API), gloo otherwise, with the CPU layer for megatron-core switched on.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_normistral.runtime import cpu_compat
+
+
+class ParallelConfigError(ValueError):
+    pass
+
+
+@dataclass
+class ParallelConfig:
+    """How the model is laid out over processes. DP is derived: world / (TP x PP)."""
+
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    # Interleaved (virtual) pipeline: model chunks per pipeline rank; None = plain 1F1B.
+    virtual_pipeline_model_parallel_size: int | None = None
+    sequence_parallel: bool = False
+    use_distributed_optimizer: bool = False
+
+    def validate(self, world_size: int | None = None) -> None:
+        tp, pp, vpp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size, self.virtual_pipeline_model_parallel_size
+        if tp < 1 or pp < 1:
+            raise ParallelConfigError(f"tensor ({tp}) and pipeline ({pp}) parallel sizes must be >= 1")
+        if vpp is not None and (vpp < 2 or pp < 2):
+            raise ParallelConfigError(
+                f"virtual pipeline size {vpp} needs pipeline size >= 2 (got {pp}) and >= 2 chunks per rank"
+            )
+        if self.sequence_parallel and tp == 1:
+            raise ParallelConfigError("sequence parallelism needs tensor parallel size > 1 (got 1)")
+        if world_size is not None and world_size % (tp * pp) != 0:
+            raise ParallelConfigError(
+                f"world size {world_size} is not divisible by tensor x pipeline = {tp} x {pp} = {tp * pp}"
+            )
+
+    def data_parallel_size(self, world_size: int) -> int:
+        self.validate(world_size)
+        return world_size // (self.tensor_model_parallel_size * self.pipeline_model_parallel_size)
+
+
+def device() -> torch.device:
+    """The device this process computes on: its local GPU, or the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def init_distributed(timeout_minutes: int = 30) -> tuple[int, int]:
+    """Initialise torch.distributed from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK,
+    MASTER_ADDR, MASTER_PORT). A plain ``python script.py`` runs as a world of one.
+
+    Returns (rank, world_size). Idempotent.
+    """
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    rank = int(os.environ.get("RANK", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        backend = "nccl"
+    else:
+        cpu_compat.activate()
+        backend = "gloo"
+    dist.init_process_group(
+        backend=backend, rank=rank, world_size=world_size, timeout=datetime.timedelta(minutes=timeout_minutes)
+    )
+    return rank, world_size
+
+
+def init_model_parallel(config: ParallelConfig) -> None:
+    """Create megatron-core's TP/PP/DP groups for ``config`` (torch.distributed must be up)."""
+    from megatron.core import parallel_state
+
+    config.validate(dist.get_world_size())
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=config.tensor_model_parallel_size,
+        pipeline_model_parallel_size=config.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=config.virtual_pipeline_model_parallel_size,
+    )
+
+
+def set_seed(seed: int) -> None:
+    """Seed every generator. Python/numpy/torch get the same seed on every rank (so data
+    order and replicated init agree); megatron-core's tracker derives the per-TP-rank stream
+    for tensor-parallel weights and dropout from it."""
+    from megatron.core import tensor_parallel
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def shutdown() -> None:
+    """Tear down process groups; gloo aborts at exit without this."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
