@@ -1,0 +1,117 @@
+"""Train the tiny model for a few steps in one parallel layout; the parallel-equivalence tests
+run this at world size 1 (the reference) and in each layout, and compare.
+
+Every layout starts from the same weights (generated per tensor name from a seed, so they do
+not depend on how a layout's RNG streams are laid out) and sees the same global batches, so
+loss, grad norm and updated weights must agree up to fp32 reduction-order rounding.
+"""
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+
+import torch
+
+from megatron_normistral.model.provider import ModelConfig, PrecisionConfig, build_model
+from megatron_normistral.model.sharding import gather_full_state_dict, global_name, load_full_state_dict
+from megatron_normistral.runtime.parallel import ParallelConfig, init_model_parallel, set_seed
+from megatron_normistral.training.setup import OptimizerConfig, build_optimizer, wrap_model
+from megatron_normistral.training.step import train_step
+
+
+@dataclass
+class LayoutRun:
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(arch="tiny", transformer_impl="local"))
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    # adam_eps well above fp32 rounding of the gradients: with eps ~ 0, Adam's update is
+    # ~lr * sign(g), so a gradient element that is ~1e-9 in one layout and ~-1e-9 in another
+    # (reduction order) moves its weight by 2 x lr; weights could not then be compared.
+    optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=1e-3, weight_decay=0.01, clip_grad=1.0, adam_eps=1e-4))
+    steps: int = 3
+    seq_length: int = 32
+    micro_batch_size: int = 2
+    global_batch_size: int = 8
+    seed: int = 1234
+    # Settings forced onto megatron-core's TransformerConfig after the model is built. Only
+    # for tests that show a guard in ``transformer_config`` is needed; never for training.
+    unsafe_config_overrides: dict = field(default_factory=dict)
+
+
+def full_shape(param: torch.nn.Parameter, tp_size: int) -> tuple[int, ...]:
+    shape = list(param.shape)
+    if tp_size > 1 and getattr(param, "tensor_model_parallel", False):
+        shape[param.partition_dim] *= tp_size
+    return tuple(shape)
+
+
+def reference_weights(chunks, seed: int, tp_size: int) -> dict[str, torch.Tensor]:
+    """Full-size initial weights for the tensors these chunks hold, each drawn from a
+    generator seeded by (seed, tensor name): identical in every layout."""
+    full = {}
+    for chunk in chunks:
+        for local, param in chunk.named_parameters():
+            name = global_name(chunk, local)
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+            noise = torch.randn(full_shape(param, tp_size), generator=gen)
+            # Norm weights near 1 but not 1, so that their gradients are exercised.
+            full[name] = 1.0 + 0.1 * noise if param.dim() == 1 else 0.05 * noise
+    return full
+
+
+def synthetic_batches(run: LayoutRun, vocab_size: int, step: int) -> list[dict]:
+    """All micro-batches of one global batch, in global order. Random tokens, a loss mask
+    with holes, and per-sample masks mixing causal and bidirectional rows (the hybrid
+    objective's two modes)."""
+    gen = torch.Generator().manual_seed(run.seed + 7919 * step)
+    b, s = run.micro_batch_size, run.seq_length
+    batches = []
+    for _ in range(run.global_batch_size // b):
+        tokens = torch.randint(0, vocab_size, (b, s + 1), generator=gen)
+        loss_mask = (torch.rand(b, s, generator=gen) > 0.2).float()
+        causal = torch.triu(torch.ones(s, s, dtype=torch.bool), diagonal=1)
+        bidirectional = torch.rand(b, generator=gen) < 0.5
+        attention_mask = torch.stack([torch.zeros_like(causal) if bi else causal for bi in bidirectional]).unsqueeze(1)
+        batches.append(
+            dict(
+                tokens=tokens[:, :-1].contiguous(),
+                labels=tokens[:, 1:].contiguous(),
+                loss_mask=loss_mask,
+                position_ids=torch.arange(s).expand(b, s).contiguous(),
+                attention_mask=attention_mask,
+            )
+        )
+    return batches
+
+
+def train_layout(rank: int, world_size: int, run: LayoutRun) -> dict:
+    """Worker for run_distributed: returns losses, grad norms and final full weights."""
+    from megatron.core import parallel_state
+
+    init_model_parallel(run.parallel)
+    set_seed(run.seed)
+    dp_size = run.parallel.data_parallel_size(world_size)
+    dp_rank = parallel_state.get_data_parallel_rank()
+    tp_size = run.parallel.tensor_model_parallel_size
+    chunks = build_model(run.model, run.parallel, run.precision, max_sequence_length=run.seq_length)
+    load_full_state_dict(chunks, reference_weights(chunks, run.seed, tp_size))
+    for key, value in run.unsafe_config_overrides.items():
+        setattr(chunks[0].config, key, value)
+    chunks = wrap_model(chunks, run.parallel, run.precision)
+    optimizer = build_optimizer(chunks, run.optimizer, run.parallel, run.precision)
+    vocab = run.model.architecture().vocab_size
+
+    per_rank = run.global_batch_size // run.micro_batch_size // dp_size
+    losses, grad_norms = [], []
+    for step in range(run.steps):
+        mine = synthetic_batches(run, vocab, step)[dp_rank * per_rank : (dp_rank + 1) * per_rank]
+        iterators = [iter(mine) for _ in chunks]
+        result = train_step(chunks, optimizer, iterators, per_rank, run.seq_length, run.micro_batch_size)
+        # Mean over micro-batches of each one's mean loss, averaged over DP; known on the
+        # last pipeline stage, then shared with everyone.
+        local = torch.tensor([sum(float(r["loss_sum"] / r["tokens"]) for r in result.reports), float(len(result.reports))], dtype=torch.float64)
+        torch.distributed.all_reduce(local)
+        losses.append(float(local[0] / local[1]))
+        grad_norms.append(result.grad_norm)
+    weights = gather_full_state_dict(chunks)
+    return {"losses": losses, "grad_norms": grad_norms, "weights": weights if rank == 0 else None}

@@ -1,0 +1,442 @@
+"""Moving a Hugging Face Mistral checkpoint to a new tokenizer (embedding transfer).
+
+For every regular token of the target tokenizer we take its *surface*: the raw bytes it stands
+for (SentencePiece's U+2581 becomes a space, byte-level characters become their bytes, a
+``<0xNN>`` byte-fallback piece becomes byte NN). The surface is encoded with the source
+tokenizer as it stands (no BOS/EOS, no dummy prefix, no normalisation; see
+``Tokenizer.encode_surface``) and the new row is the mean, in fp32, of the source rows of those
+pieces. This is applied to the input embeddings (``--init``) and to the LM head (``--head``).
+
+Special tokens follow :data:`SPECIAL_TABLE`. A token falls back to a random row when its
+surface is empty or the source tokenizer can only spell it with ``<unk>``; the report lists
+them with the reason. Random rows are N(0, s^2) with s the standard deviation of the source
+matrix's entries.
+
+Every other tensor is copied byte for byte; safetensors files are read and written one tensor
+at a time (peak memory: about one embedding matrix).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from megatron_normistral.tokenizer.wrappers import Tokenizer, TokenizerSpecError, load_tokenizer
+
+INIT_METHODS = ("mean", "random", "first")
+HEAD_METHODS = ("mean", "source", "random")
+
+# target special token -> which source row(s) it starts from.
+#   "bos"/"eos"/"unk"/"pad": the source tokenizer's token of that role ("pad" falls back to "eos"
+#   when the source has none); "all": the mean of every source row.
+SPECIAL_TABLE: dict[str, str] = {
+    "<unk>": "unk",
+    "<s>": "bos",
+    "</s>": "eos",
+    "<pad>": "pad",
+    "<mask>": "all",
+    # any other special / control token (e.g. <reserved_5>..<reserved_15>): "all"
+}
+SPECIAL_DEFAULT = "all"
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "tekken.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "training.json",
+)
+EMBED_SUFFIX = "embed_tokens.weight"
+HEAD_NAME = "lm_head.weight"
+
+DTYPES = {  # safetensors dtype name -> (torch dtype name, bytes per element)
+    "F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2),
+    "I64": ("int64", 8), "I32": ("int32", 4), "I16": ("int16", 2), "I8": ("int8", 1), "U8": ("uint8", 1),
+    "BOOL": ("bool", 1),
+}
+
+
+class TransferError(ValueError):
+    pass
+
+
+@dataclass
+class TransferConfig:
+    source: str  # Hugging Face Mistral folder (safetensors, sharded or not)
+    source_tokenizer: str  # "tekken" or a tokenizer folder (load_tokenizer spec)
+    target_tokenizer: str  # tokenizer folder (copied into the output)
+    output: str
+    init: str = "mean"
+    head: str = "mean"  # mean: mean of pieces; source: the same method as --init; random
+    seed: int = 0
+    chunk_rows: int = 8192
+    verbose: bool = True
+
+
+@dataclass
+class RowSource:
+    """Where a target row comes from: ``kind`` is "pieces" (mean of ``ids``), "all" (mean of
+    every source row) or "random" (``reason`` says why)."""
+
+    kind: str
+    ids: tuple[int, ...] = ()
+    reason: str = ""
+
+
+@dataclass
+class TransferPlan:
+    rows: list[RowSource]
+    specials: dict[int, str] = field(default_factory=dict)  # target id -> description
+
+    def summary(self) -> dict[str, int]:
+        c: Counter = Counter()
+        for i, r in enumerate(self.rows):
+            if i in self.specials:
+                c["special"] += 1
+            elif r.kind == "pieces":
+                n = len(r.ids)
+                c["1 piece" if n == 1 else "2 pieces" if n == 2 else "3+ pieces"] += 1
+            else:
+                c[r.kind] += 1
+        return dict(c)
+
+    def random_rows(self) -> dict[int, str]:
+        return {i: r.reason for i, r in enumerate(self.rows) if r.kind == "random"}
+
+
+@dataclass
+class TransferReport:
+    output: Path
+    source_vocab: int
+    target_vocab: int
+    summary: dict[str, int]
+    random_rows: dict[int, str]
+    specials: dict[int, str]
+    tensors_copied: int
+    seconds: float
+
+    def format(self, target: Tokenizer | None = None, limit: int = 20) -> str:
+        lines = [
+            f"embedding transfer -> {self.output}: vocabulary {self.source_vocab} -> {self.target_vocab}",
+            "target tokens initialised from: " + ", ".join(f"{k}: {v}" for k, v in sorted(self.summary.items())),
+            "special tokens: " + "; ".join(f"{i}: {d}" for i, d in sorted(self.specials.items())),
+        ]
+        if self.random_rows:
+            lines.append(f"{len(self.random_rows)} token(s) fell back to random rows:")
+            for i, why in list(self.random_rows.items())[:limit]:
+                lines.append(f"  {i}: {why}")
+            if len(self.random_rows) > limit:
+                lines.append(f"  ... and {len(self.random_rows) - limit} more (see transfer_report.json)")
+        else:
+            lines.append("no token fell back to a random row")
+        lines.append(f"{self.tensors_copied} other tensors copied bit for bit; {self.seconds:.1f} s")
+        return "\n".join(lines)
+
+
+def _log(verbose: bool, msg: str) -> None:
+    if verbose:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def _special_name(tok: Tokenizer, i: int) -> str:
+    for attr, name in (("unk_id", "<unk>"), ("bos_id", "<s>"), ("eos_id", "</s>"), ("pad_id", "<pad>"), ("mask_id", "<mask>")):
+        if getattr(tok, attr, None) == i:
+            return name
+    return f"special {i}"
+
+
+def plan_transfer(source: Tokenizer, target: Tokenizer, source_rows: int | None = None) -> TransferPlan:
+    """Decide, for every target id, which source rows initialise it (see module docstring)."""
+    n_src = source_rows if source_rows is not None else source.vocab_size
+    rows: list[RowSource] = []
+    specials: dict[int, str] = {}
+    for i in range(target.vocab_size):
+        surface = target.token_surface(i)
+        if surface is None:
+            name = _special_name(target, i)
+            role = SPECIAL_TABLE.get(name, SPECIAL_DEFAULT)
+            src = None
+            if role == "pad":
+                src = source.pad_id if source.pad_id is not None else source.eos_id
+                role = "pad" if source.pad_id is not None else "eos (source has no pad)"
+            elif role != "all":
+                src = getattr(source, f"{role}_id")
+            if src is None:
+                rows.append(RowSource("all"))
+                specials[i] = f"{name} <- mean of all source rows"
+            else:
+                rows.append(RowSource("pieces", (src,)))
+                specials[i] = f"{name} <- source {role} ({src})"
+            continue
+        if not surface:
+            rows.append(RowSource("random", reason="empty surface"))
+            continue
+        ids = source.encode_surface(surface)
+        if not ids:
+            rows.append(RowSource("random", reason=f"source tokenizer gives no pieces for {surface!r}"))
+        elif source.unk_id is not None and source.unk_id in ids:
+            rows.append(RowSource("random", reason=f"source tokenizer spells {surface!r} with <unk>"))
+        elif max(ids) >= n_src or min(ids) < 0:
+            raise TransferError(f"source tokenizer id {max(ids)} outside the source embedding ({n_src} rows)")
+        else:
+            rows.append(RowSource("pieces", tuple(ids)))
+    return TransferPlan(rows, specials)
+
+
+def init_rows(source_matrix, plan: TransferPlan, method: str, seed: int = 0, chunk_rows: int = 8192, out_dtype=None):
+    """New matrix (``len(plan.rows)`` x hidden, ``out_dtype``, default fp32) from
+    ``source_matrix`` (any float dtype); arithmetic in fp32, cast once per row at the end.
+
+    ``mean``: mean of the pieces' rows (fp32 arithmetic); ``first``: the first piece's row;
+    ``random``: every regular row random (specials still follow the table). Rows the plan marks
+    random are N(0, s^2), s = std of the source matrix entries (fp32, computed in chunks)."""
+    import torch
+
+    if method not in INIT_METHODS:
+        raise TransferError(f"init method must be one of {INIT_METHODS}, got {method!r}")
+    n_src, hidden = source_matrix.shape
+    # column mean and entry std of the source matrix, in chunks
+    total = torch.zeros(hidden, dtype=torch.float64)
+    sq = torch.zeros((), dtype=torch.float64)
+    for a in range(0, n_src, chunk_rows):
+        blk = source_matrix[a : a + chunk_rows].to(torch.float64)
+        total += blk.sum(0)
+        sq += (blk * blk).sum()
+    mean_all = (total / n_src).to(torch.float32)
+    count = n_src * hidden
+    var = sq / count - (total.sum() / count) ** 2
+    std = float(var.clamp_min(0).sqrt())
+    gen = torch.Generator().manual_seed(seed)
+    n_new = len(plan.rows)
+    out = torch.empty(n_new, hidden, dtype=out_dtype or torch.float32)
+    for a in range(0, n_new, chunk_rows):
+        b = min(n_new, a + chunk_rows)
+        blk = torch.zeros(b - a, hidden, dtype=torch.float32)
+        tgt, src, w = [], [], []
+        for i in range(a, b):
+            r = plan.rows[i]
+            regular = i not in plan.specials
+            if r.kind == "all":
+                blk[i - a] = mean_all
+            elif r.kind == "random" or (method == "random" and regular):
+                blk[i - a] = torch.randn(hidden, generator=gen) * std
+            elif method == "first" and regular:
+                tgt.append(i - a), src.append(r.ids[0]), w.append(1.0)
+            else:
+                n = len(r.ids)
+                for s in r.ids:
+                    tgt.append(i - a), src.append(s), w.append(1.0 / n)
+        if tgt:
+            src_t = torch.tensor(src, dtype=torch.long)
+            gathered = source_matrix.index_select(0, src_t).to(torch.float32)
+            gathered *= torch.tensor(w, dtype=torch.float32).unsqueeze(1)
+            blk.index_add_(0, torch.tensor(tgt, dtype=torch.long), gathered)
+        out[a:b] = blk
+    return out
+
+
+# --- safetensors, one tensor at a time ------------------------------------------------------
+def read_safetensors_header(path: Path) -> tuple[dict, int]:
+    """(header dict, offset of the data section)."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise TransferError(f"{path}: not a safetensors file (too short)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > 100_000_000:
+            raise TransferError(f"{path}: not a safetensors file (header length {n})")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise TransferError(f"{path}: unreadable safetensors header ({e})") from None
+    return header, 8 + n
+
+
+def _load_tensor(path: Path, header: dict, base: int, name: str):
+    import numpy as np
+    import torch
+
+    info = header[name]
+    tdtype, size = DTYPES[info["dtype"]]
+    a, b = info["data_offsets"]
+    with open(path, "rb") as f:
+        f.seek(base + a)
+        buf = bytearray(f.read(b - a))
+    t = torch.frombuffer(buf, dtype=torch.uint8) if buf else torch.empty(0, dtype=torch.uint8)
+    return t.view(getattr(torch, tdtype)).reshape(info["shape"])
+
+
+def _tensor_bytes(t) -> memoryview:
+    import torch
+
+    return memoryview(t.contiguous().view(torch.uint8).numpy())
+
+
+def _write_shard(src: Path, dst: Path, replace: dict[str, object], verbose: bool) -> tuple[int, int]:
+    """Copy safetensors ``src`` to ``dst`` with tensors in ``replace`` (name -> torch tensor of
+    the same dtype) substituted; returns (bytes of tensor data, tensors copied unchanged)."""
+    header, base = read_safetensors_header(src)
+    names = [k for k in header if k != "__metadata__"]
+    names.sort(key=lambda k: header[k]["data_offsets"][0])
+    new_header: dict = {}
+    if "__metadata__" in header:
+        new_header["__metadata__"] = header["__metadata__"]
+    offset = 0
+    for k in names:
+        if k in replace:
+            t = replace[k]
+            size = t.numel() * t.element_size()  # type: ignore[attr-defined]
+            entry = {"dtype": header[k]["dtype"], "shape": list(t.shape)}  # type: ignore[attr-defined]
+        else:
+            a, b = header[k]["data_offsets"]
+            size = b - a
+            entry = {"dtype": header[k]["dtype"], "shape": header[k]["shape"]}
+        entry["data_offsets"] = [offset, offset + size]
+        new_header[k] = entry
+        offset += size
+    hbytes = json.dumps(new_header, separators=(",", ":")).encode()
+    hbytes += b" " * (-len(hbytes) % 8)
+    copied = 0
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        fout.write(struct.pack("<Q", len(hbytes)))
+        fout.write(hbytes)
+        for k in names:
+            if k in replace:
+                fout.write(_tensor_bytes(replace[k]))
+                continue
+            a, b = header[k]["data_offsets"]
+            fin.seek(base + a)
+            left = b - a
+            while left:
+                chunk = fin.read(min(left, 64 << 20))
+                if not chunk:
+                    raise TransferError(f"{src}: truncated tensor {k}")
+                fout.write(chunk)
+                left -= len(chunk)
+            copied += 1
+    return offset, copied
+
+
+def _weight_files(source: Path) -> tuple[list[str], dict | None]:
+    index = source / "model.safetensors.index.json"
+    if index.exists():
+        idx = json.loads(index.read_text())
+        files = sorted(set(idx["weight_map"].values()))
+        return files, idx
+    if (source / "model.safetensors").exists():
+        return ["model.safetensors"], None
+    raise TransferError(f"{source}: no model.safetensors or model.safetensors.index.json (only safetensors checkpoints are read)")
+
+
+def transfer_embeddings(cfg: TransferConfig) -> TransferReport:
+    """Write ``cfg.output``: the source checkpoint with ``embed_tokens`` and ``lm_head`` resized
+    to the target vocabulary, config updated (vocab size, special ids), target tokenizer files
+    copied in, and ``transfer_report.json``."""
+    import torch
+
+    t0 = time.time()
+    if cfg.init not in INIT_METHODS:
+        raise TransferError(f"--init must be one of {INIT_METHODS}, got {cfg.init!r}")
+    if cfg.head not in HEAD_METHODS:
+        raise TransferError(f"--head must be one of {HEAD_METHODS}, got {cfg.head!r}")
+    src_dir, out = Path(cfg.source), Path(cfg.output)
+    if not (src_dir / "config.json").exists():
+        raise TransferError(f"{src_dir}: no config.json (expected a Hugging Face model folder)")
+    if out.resolve() == src_dir.resolve():
+        raise TransferError("--output must differ from --source")
+    config = json.loads((src_dir / "config.json").read_text())
+    tgt_path = Path(cfg.target_tokenizer)
+    if not tgt_path.is_dir():
+        raise TransferError(f"--target-tokenizer {tgt_path}: expected a tokenizer folder")
+    try:
+        source_tok = load_tokenizer(cfg.source_tokenizer)
+        target_tok = load_tokenizer(tgt_path)
+    except TokenizerSpecError as e:
+        raise TransferError(str(e)) from None
+    files, index = _weight_files(src_dir)
+
+    # find the embedding and head tensors
+    where: dict[str, tuple[str, dict, int]] = {}
+    for fname in files:
+        header, base = read_safetensors_header(src_dir / fname)
+        for k in header:
+            if k.endswith(EMBED_SUFFIX) or k == HEAD_NAME:
+                where[k] = (fname, header, base)
+    embed_names = [k for k in where if k.endswith(EMBED_SUFFIX)]
+    if len(embed_names) != 1:
+        raise TransferError(f"{src_dir}: expected one *{EMBED_SUFFIX} tensor, found {embed_names}")
+    embed_name = embed_names[0]
+    n_src, hidden = where[embed_name][1][embed_name]["shape"]
+    _log(cfg.verbose, f"source {src_dir}: {len(files)} weight file(s), embedding {n_src} x {hidden}")
+
+    _log(cfg.verbose, f"planning {target_tok.vocab_size} target rows from {source_tok.name} pieces ...")
+    plan = plan_transfer(source_tok, target_tok, n_src)
+    out.mkdir(parents=True, exist_ok=True)
+
+    replace_by_file: dict[str, dict[str, object]] = {}
+    for k in [embed_name] + ([HEAD_NAME] if HEAD_NAME in where else []):
+        fname, header, base = where[k]
+        mat = _load_tensor(src_dir / fname, header, base, k)
+        if list(mat.shape) != [n_src, hidden]:
+            raise TransferError(f"{k}: shape {list(mat.shape)}, expected {[n_src, hidden]}")
+        if k == embed_name:
+            method = cfg.init
+        else:
+            method = {"mean": "mean", "source": cfg.init, "random": "random"}[cfg.head]
+        _log(cfg.verbose, f"initialising {k} ({method}) ...")
+        new = init_rows(mat, plan, method, seed=cfg.seed + (0 if k == embed_name else 1),
+                        chunk_rows=cfg.chunk_rows, out_dtype=mat.dtype)
+        replace_by_file.setdefault(fname, {})[k] = new
+        del mat, new
+
+    total, copied = 0, 0
+    for fname in files:
+        _log(cfg.verbose, f"writing {out / fname} ...")
+        size, n = _write_shard(src_dir / fname, out / fname, replace_by_file.get(fname, {}), cfg.verbose)
+        replace_by_file.pop(fname, None)
+        total += size
+        copied += n
+    if index is not None:
+        index = dict(index)
+        index["metadata"] = dict(index.get("metadata", {}), total_size=total)
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+    # config and other files
+    specials = {"bos_token_id": target_tok.bos_id, "eos_token_id": target_tok.eos_id, "pad_token_id": target_tok.pad_id}
+    config["vocab_size"] = target_tok.vocab_size
+    config.update(specials)
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    skip = set(files) | {"config.json", "model.safetensors.index.json", "transfer_report.json"} | set(TOKENIZER_FILES)
+    for p in src_dir.iterdir():
+        if p.is_file() and p.name not in skip and not p.name.endswith(".safetensors"):
+            if p.name == "generation_config.json":
+                gen = json.loads(p.read_text())
+                gen.update({k: v for k, v in specials.items() if k in gen or v is not None})
+                (out / p.name).write_text(json.dumps(gen, indent=2) + "\n")
+            else:
+                shutil.copy2(p, out / p.name)
+    for name in TOKENIZER_FILES:
+        if (tgt_path / name).exists():
+            shutil.copy2(tgt_path / name, out / name)
+
+    report = TransferReport(
+        out, n_src, target_tok.vocab_size, plan.summary(), plan.random_rows(), plan.specials, copied, time.time() - t0
+    )
+    (out / "transfer_report.json").write_text(json.dumps({
+        "source": str(src_dir), "source_tokenizer": cfg.source_tokenizer, "target_tokenizer": str(tgt_path),
+        "init": cfg.init, "head": cfg.head, "seed": cfg.seed, "summary": report.summary,
+        "specials": {str(k): v for k, v in report.specials.items()},
+        "random_rows": {str(k): v for k, v in report.random_rows.items()},
+    }, indent=2, ensure_ascii=False) + "\n")
+    return report

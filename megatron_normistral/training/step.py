@@ -1,0 +1,64 @@
+"""One optimizer step over a global batch: forward/backward over the pipeline schedule,
+gradient reduction, clip, optimizer update. Knows nothing of data sources or logging."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable, Iterator
+
+import torch
+
+
+@dataclass
+class StepResult:
+    updated: bool  # False when the optimizer skipped the step (non-finite grads)
+    grad_norm: float | None
+    # Per-micro-batch reports from the loss function (last pipeline stage only; empty elsewhere).
+    reports: list[dict]
+
+
+def masked_lm_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
+    """Loss-function contract of megatron-core schedules (3-tuple form): the sum of counted
+    token losses, the count, and what to report. megatron-core divides by the count per
+    micro-batch (the authors' weighting) or, with ``calculate_per_token_loss``, over the
+    whole global batch (token weighting)."""
+    mask = loss_mask.reshape(-1).float()
+    loss_sum = torch.sum(per_token_loss.reshape(-1).float() * mask)
+    count = mask.sum().to(torch.int)
+    return loss_sum, count, {"loss_sum": loss_sum.detach().clone(), "tokens": count.detach().clone()}
+
+
+def lm_forward_step(data_iterator: Iterator[dict], model):
+    """forward_step_func for a batch dict: tokens, labels, loss_mask, position_ids and an
+    optional bool attention_mask [b, 1, s, s] (True = masked)."""
+    batch = next(data_iterator)
+    output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"])
+    return output, partial(masked_lm_loss, batch["loss_mask"])
+
+
+def train_step(
+    chunks,
+    optimizer,
+    data_iterators: list[Iterator[dict]],
+    num_microbatches: int,
+    seq_length: int,
+    micro_batch_size: int,
+    forward_step_func: Callable = lm_forward_step,
+) -> StepResult:
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    for chunk in chunks:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    forward_backward = get_forward_backward_func()
+    reports = forward_backward(
+        forward_step_func=forward_step_func,
+        data_iterator=data_iterators if len(chunks) > 1 else data_iterators[0],
+        model=chunks,
+        num_microbatches=num_microbatches,
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=False,
+    )
+    updated, grad_norm, _ = optimizer.step()
+    return StepResult(updated=bool(updated), grad_norm=None if grad_norm is None else float(grad_norm), reports=list(reports or []))

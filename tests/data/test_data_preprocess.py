@@ -1,0 +1,229 @@
+"""tools/preprocess_data.py and its library: token equality, bad input, strict mode,
+interrupted runs, shards + merge, sentence splitting."""
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from megatron_normistral.data.indexed import IndexedReader, merge_indexed
+from megatron_normistral.data.preprocess import BadInputError, PreprocessConfig, preprocess
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _write_jsonl(path: Path, texts, gz=False):
+    data = "".join(json.dumps({"text": t, "id": i}, ensure_ascii=False) + "\n" for i, t in enumerate(texts))
+    if gz:
+        with gzip.open(path, "wt", encoding="utf-8") as f:
+            f.write(data)
+    else:
+        path.write_text(data, encoding="utf-8")
+    return path
+
+
+def _cfg(inputs, prefix, spm_model, **kw):
+    kw.setdefault("progress_interval", 0)
+    return PreprocessConfig(inputs=[str(i) for i in inputs], output_prefix=str(prefix), tokenizer=spm_model, **kw)
+
+
+@pytest.fixture(scope="module")
+def small_inputs(tmp_path_factory, corpus_texts):
+    d = tmp_path_factory.mktemp("in")
+    texts = {lang: corpus_texts[lang][:12] for lang in ("nb", "se", "en")}
+    _write_jsonl(d / "a_nb.jsonl", texts["nb"])
+    _write_jsonl(d / "b_se.jsonl.gz", texts["se"], gz=True)
+    _write_jsonl(d / "c_en.jsonl.gz", texts["en"], gz=True)
+    return d, texts["nb"] + texts["se"] + texts["en"]
+
+
+@pytest.mark.parametrize("workers,eod", [(0, True), (2, False)])
+def test_tokens_equal_tokenizer_encoding(tmp_path, small_inputs, spm_model, tokenizer, workers, eod):
+    d, texts = small_inputs
+    log = io.StringIO()
+    res = preprocess(_cfg([d / "a_nb.jsonl", str(d / "*.jsonl.gz")], tmp_path / "out", spm_model, workers=workers,
+                          append_eod=eod, chunk_bytes=20_000), log=log)
+    r = IndexedReader(tmp_path / "out")
+    assert r.dtype == np.uint16  # vocab 800: too big for uint8
+    assert r.num_documents == len(texts) == res.documents
+    expect = [tokenizer.encode(t) + ([tokenizer.eod_id] if eod else []) for t in texts]
+    assert [r[i].tolist() for i in range(len(texts))] == expect
+    assert [f.documents for f in res.files] == [12, 12, 12] and res.tokens == sum(map(len, expect))
+    out = log.getvalue()
+    assert "b_se.jsonl.gz" in out and "total" in out and "tokens/s" in out  # summary per file
+
+
+def test_python_writer_pipeline_byte_identical(tmp_path, small_inputs, spm_model):
+    d, _ = small_inputs
+    for backend in ("cpp", "python"):
+        preprocess(_cfg([str(d / "*")], tmp_path / backend, spm_model, workers=0, append_eod=True,
+                        backend=backend, chunk_bytes=10_000), log=io.StringIO())
+    for ext in (".bin", ".idx"):
+        assert (tmp_path / f"cpp{ext}").read_bytes() == (tmp_path / f"python{ext}").read_bytes()
+
+
+BAD_LINES = [
+    (b'{"text": "Dette er bra."}', None),
+    (b'{"text": "broken', "malformed JSON"),
+    (b'{"other": "no text key"}', "missing key 'text'"),
+    (b'{"text": 42}', "key 'text' is int, not a string"),
+    (b'{"text": "bad \xff\xfe bytes"}', "invalid UTF-8"),
+    (b'{"text": ""}', "empty document"),
+    (b'{"text": "   \\n  "}', "empty document"),
+    (b'["text", "a list"]', "not a JSON object"),
+    (b'{"text": "lone \\ud800 surrogate"}', "invalid UTF-8"),
+    (b'   ', "empty line"),
+    (b'{"text": "Ogs\xc3\xa5 bra."}', None),
+]
+
+
+def _bad_file(path: Path) -> Path:
+    path.write_bytes(b"\n".join(line for line, _ in BAD_LINES) + b"\n")
+    return path
+
+
+def test_bad_input_skipped_counted_and_reported_with_file_line(tmp_path, spm_model, tokenizer):
+    src = _bad_file(tmp_path / "bad.jsonl")
+    log = io.StringIO()
+    res = preprocess(_cfg([src], tmp_path / "out", spm_model, workers=0), log=log)
+    out = log.getvalue()
+    for lineno, (_, why) in enumerate(BAD_LINES, start=1):
+        if why is None:
+            assert f"bad.jsonl:{lineno}:" not in out
+        else:
+            assert f"bad.jsonl:{lineno}: {why}" in out, (lineno, why, out)
+    nbad = sum(why is not None for _, why in BAD_LINES)
+    assert res.files[0].skipped == nbad and res.files[0].documents == 2
+    assert sum(res.skipped_by_reason.values()) == nbad
+    r = IndexedReader(tmp_path / "out")
+    assert [r[0].tolist(), r[1].tolist()] == [tokenizer.encode("Dette er bra."), tokenizer.encode("Også bra.")]
+
+
+def test_only_first_20_bad_lines_in_full_then_counts(tmp_path, spm_model):
+    src = tmp_path / "many.jsonl"
+    src.write_text("".join('{"text": "ok"}\n' if i % 2 else "{oops\n" for i in range(60)))
+    log = io.StringIO()
+    res = preprocess(_cfg([src], tmp_path / "out", spm_model, workers=2, chunk_bytes=64), log=log)
+    out = log.getvalue()
+    assert len(re.findall(r"skipped \S*many\.jsonl:\d+: ", out)) == 20
+    assert "many.jsonl:1: malformed JSON" in out and "many.jsonl:39: malformed JSON" in out
+    assert "many.jsonl:41:" not in out
+    assert res.skipped_by_reason == {"malformed JSON": 30} and "malformed JSON: 30" in out
+
+
+def test_strict_fails_at_first_bad_line_and_writes_nothing(tmp_path, spm_model):
+    src = _bad_file(tmp_path / "bad.jsonl")
+    with pytest.raises(BadInputError, match=r"bad\.jsonl:2: malformed JSON"):
+        preprocess(_cfg([src], tmp_path / "out", spm_model, workers=2, strict=True), log=io.StringIO())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl"]
+
+
+def test_strict_cli_exit_code(tmp_path, spm_model):
+    src = _bad_file(tmp_path / "bad.jsonl")
+    p = subprocess.run([sys.executable, str(ROOT / "tools" / "preprocess_data.py"), "--input", str(src),
+                        "--output-prefix", str(tmp_path / "o"), "--tokenizer", spm_model, "--workers", "1",
+                        "--strict"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and "bad.jsonl:2: malformed JSON" in p.stderr
+    assert not (tmp_path / "o.idx").exists() and not (tmp_path / "o.bin").exists()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_interrupted_run_never_leaves_a_whole_looking_pair(tmp_path, spm_model, corpus_texts, sig):
+    # Input through a FIFO: the tool blocks mid-input, deterministically, until we kill it.
+    fifo = tmp_path / "in.jsonl"
+    os.mkfifo(fifo)
+    out = tmp_path / "out" / "ds"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "tools" / "preprocess_data.py"), "--input", str(fifo),
+                             "--output-prefix", str(out), "--tokenizer", spm_model, "--workers", "1",
+                             "--chunk-mb", "0.01", "--progress-interval", "0"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    with open(fifo, "wb") as f:
+        for t in corpus_texts["nb"][:40]:
+            f.write((json.dumps({"text": t}) + "\n").encode())
+        f.flush()
+        deadline = time.time() + 60
+        while not any(p.name.startswith("ds.bin.tmp") for p in out.parent.glob("*")) and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)  # let it write some blocks
+        assert proc.poll() is None
+        proc.send_signal(sig)
+        proc.wait(timeout=30)
+    assert proc.returncode != 0
+    names = sorted(p.name for p in out.parent.iterdir())
+    assert "ds.bin" not in names and "ds.idx" not in names, names
+    if sig == signal.SIGTERM:  # orderly exit: temporaries removed too
+        assert names == [], names
+    else:
+        assert any(n.startswith("ds.bin.tmp") for n in names)  # it was indeed mid-write
+
+
+def test_shards_then_merge_hold_every_document(tmp_path, small_inputs, spm_model, tokenizer):
+    d, texts = small_inputs
+    res = preprocess(_cfg([str(d / "*")], tmp_path / "sh", spm_model, workers=2, shards=3, chunk_bytes=3000,
+                          append_eod=True), log=io.StringIO())
+    assert len(res.outputs) == 3 and all(Path(p + ".idx").exists() for p in res.outputs)
+    assert all(IndexedReader(p).num_documents > 0 for p in res.outputs)
+    sys.argv = ["merge"]
+    spec = importlib.util.spec_from_file_location("merge_datasets", ROOT / "tools" / "merge_datasets.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--input", str(tmp_path / "sh-*-of-00003"), "--output-prefix", str(tmp_path / "merged")]) == 0
+    m = IndexedReader(tmp_path / "merged")
+    got = sorted(tuple(m[i].tolist()) for i in range(m.num_documents))
+    assert got == sorted(tuple(tokenizer.encode(t) + [tokenizer.eod_id]) for t in texts)
+    assert merge_indexed(res.outputs, tmp_path / "m2").num_tokens == res.tokens
+
+
+def test_split_sentences(tmp_path, spm_model, tokenizer):
+    from nltk.tokenize.punkt import PunktSentenceTokenizer
+
+    texts = ["Dette er én setning. Her er en til! Og en tredje?", "Bare én."]
+    src = _write_jsonl(tmp_path / "s.jsonl", texts)
+    preprocess(_cfg([src], tmp_path / "out", spm_model, workers=0, split_sentences=True, append_eod=True),
+               log=io.StringIO())
+    r = IndexedReader(tmp_path / "out")
+    assert r.document_indices.tolist() == [0, 3, 4]
+    sents = PunktSentenceTokenizer().tokenize(texts[0])
+    assert len(sents) == 3
+    assert [x.tolist() for x in r.document(0)] == [tokenizer.encode(s) for s in sents[:2]] + \
+        [tokenizer.encode(sents[2]) + [tokenizer.eod_id]]
+
+
+def test_cli_help_explains_every_flag():
+    p = subprocess.run([sys.executable, str(ROOT / "tools" / "preprocess_data.py"), "--help"], capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 0
+    for flag in ("--input", "--output-prefix", "--tokenizer", "--workers", "--json-key", "--append-eod",
+                 "--split-sentences", "--strict", "--shards", "--chunk-mb", "--writer", "--max-reported",
+                 "--progress-interval"):
+        assert flag in p.stdout
+
+
+def test_tekken_and_hugging_face_tokenizers(tmp_path, corpus_texts):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from megatron_normistral.tokenizer import load_tokenizer
+
+    texts = corpus_texts["se"][:5]
+    src = _write_jsonl(tmp_path / "se.jsonl", texts)
+    hf = Tokenizer(models.BPE(unk_token="<unk>"))
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel()
+    hf.train_from_iterator(corpus_texts["se"], trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"]))
+    hf.save(str(tmp_path / "tokenizer.json"))
+    for spec, dtype in (("tekken", np.int32), (str(tmp_path), np.uint16)):
+        tok = load_tokenizer(spec)
+        preprocess(_cfg([src], tmp_path / "out", spec, workers=1, append_eod=True), log=io.StringIO())
+        r = IndexedReader(tmp_path / "out")
+        assert r.dtype == dtype
+        assert [r[i].tolist() for i in range(len(texts))] == [tok.encode(t) + [tok.eod_id] for t in texts]

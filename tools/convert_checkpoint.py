@@ -1,0 +1,81 @@
+#!/usr/bin/env python
+"""Convert checkpoints between Hugging Face Mistral and megatron-core (torch_dist).
+
+    python tools/convert_checkpoint.py hf-to-mcore --hf HF_DIR --out MCORE_DIR --tp 2 --pp 2
+    python tools/convert_checkpoint.py mcore-to-hf --mcore MCORE_DIR --out HF_DIR --tokenizer TOK_DIR
+
+Both directions stream one layer at a time; see megatron_normistral/convert/.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    h2m = sub.add_parser("hf-to-mcore", help="Hugging Face Mistral folder -> megatron-core distributed checkpoint",
+                         description="Read config.json + safetensors (single file or sharded with an index; "
+                                     "bf16/fp16/fp32) and write a torch_dist checkpoint that loads at any TP/PP/VPP "
+                                     "layout, plus normistral_model.json describing the architecture.")
+    h2m.add_argument("--hf", required=True, help="input Hugging Face folder (config.json, *.safetensors)")
+    h2m.add_argument("--out", required=True, help="output checkpoint folder (created; must be empty)")
+    h2m.add_argument("--tp", type=int, default=1, help="tensor-parallel size training will use: checked against "
+                     "the architecture now and recorded (the checkpoint itself loads at any layout). Default 1")
+    h2m.add_argument("--pp", type=int, default=1, help="pipeline-parallel size training will use (checked, "
+                     "recorded). Default 1")
+    h2m.add_argument("--vpp", type=int, default=None, help="virtual pipeline stages per pipeline rank (checked, "
+                     "recorded). Default: no interleaving")
+    h2m.add_argument("--arch", default=None, help="named architecture (megatron_normistral.model.architectures) "
+                     "the HF config must match; recorded by name. Default: taken from config.json, named 'hf'")
+    h2m.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16", "source"],
+                     help="dtype stored in the checkpoint. 'source' keeps the HF dtype. Default fp32 (exact for "
+                          "bf16/fp16 sources; what training's fp32 main weights hold)")
+
+    m2h = sub.add_parser("mcore-to-hf", help="megatron-core distributed checkpoint -> Hugging Face Mistral folder",
+                         description="Read the model weights of a torch_dist checkpoint saved at any layout (a "
+                                     "training checkpoint with optimizer state is fine: only model keys are read) and "
+                                     "write config.json, safetensors shards with an index, and the tokenizer files.")
+    m2h.add_argument("--mcore", required=True, help="input checkpoint folder (with normistral_model.json, or pass --arch)")
+    m2h.add_argument("--out", required=True, help="output Hugging Face folder (created)")
+    m2h.add_argument("--tokenizer", default=None, help="Hugging Face tokenizer folder whose files are copied into "
+                     "--out; its bos/eos/pad ids go into config.json. Default: no tokenizer, ids 1/2/none")
+    m2h.add_argument("--dtype", default="bf16", choices=["fp32", "bf16", "fp16"],
+                     help="dtype of the written safetensors. Default bf16")
+    m2h.add_argument("--arch", default=None, help="named architecture, for checkpoints without normistral_model.json "
+                     "(if the JSON exists, the two must match)")
+    m2h.add_argument("--max-shard-size", type=float, default=5.0,
+                     help="largest safetensors shard in GB (10^9 bytes). Default 5")
+    m2h.add_argument("--bos-id", type=int, default=None, help="override bos_token_id in config.json")
+    m2h.add_argument("--eos-id", type=int, default=None, help="override eos_token_id in config.json")
+    m2h.add_argument("--pad-id", type=int, default=None, help="override pad_token_id in config.json")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from megatron_normistral.convert import hf_mcore
+
+    start = time.time()
+    if args.command == "hf-to-mcore":
+        report = hf_mcore.hf_to_mcore(args.hf, args.out, tp=args.tp, pp=args.pp, vpp=args.vpp, arch_name=args.arch,
+                                      dtype=None if args.dtype == "source" else args.dtype)
+    else:
+        ids = {k: v for k, v in (("bos_token_id", args.bos_id), ("eos_token_id", args.eos_id),
+                                 ("pad_token_id", args.pad_id)) if v is not None}
+        report = hf_mcore.mcore_to_hf(args.mcore, args.out, tokenizer_dir=args.tokenizer, dtype=args.dtype,
+                                      arch_name=args.arch, max_shard_bytes=int(args.max_shard_size * 1000**3),
+                                      special_ids=ids)
+    print(f"{args.command}: {report.arch.name}: read {report.tensors_read} tensors, wrote {report.tensors_written}"
+          f"{', skipped ' + str(report.skipped) if report.skipped else ''} in {time.time() - start:.1f} s -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":  # required: dist_checkpointing's writer spawns processes
+    sys.exit(main())
