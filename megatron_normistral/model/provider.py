@@ -167,4 +167,9 @@ def build_model(model: ModelConfig, parallel: ParallelConfig, precision: Precisi
                 vp_stage=vp_stage,
             )
         )
+    if torch.cuda.is_available():
+        # megatron-core allocates its own weights on the GPU, but modules from our spec (the
+        # RMSNorm) start on the CPU; DDP's broadcast then fails on the mixed devices.
+        for chunk in chunks:
+            chunk.cuda(torch.cuda.current_device())
     return chunks

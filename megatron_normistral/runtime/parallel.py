@@ -30,6 +30,9 @@ class ParallelConfig:
     pipeline_model_parallel_size: int = 1
     # Interleaved (virtual) pipeline: model chunks per pipeline rank; None = plain 1F1B.
     virtual_pipeline_model_parallel_size: int | None = None
+    # Megatron-LM's way of asking for interleaving; resolved into the field above by
+    # ``resolve_virtual_stages`` once the number of layers is known.
+    num_layers_per_virtual_pipeline_stage: int | None = None
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = False
 
@@ -47,6 +50,19 @@ class ParallelConfig:
             raise ParallelConfigError(
                 f"world size {world_size} is not divisible by tensor x pipeline = {tp} x {pp} = {tp * pp}"
             )
+
+    def resolve_virtual_stages(self, num_layers: int) -> None:
+        per_stage = self.num_layers_per_virtual_pipeline_stage
+        if per_stage is None:
+            return
+        pp = self.pipeline_model_parallel_size
+        if per_stage < 1 or num_layers % (pp * per_stage):
+            raise ParallelConfigError(
+                f"{num_layers} layers cannot be split into {pp} pipeline stages of chunks of {per_stage} layers"
+            )
+        self.virtual_pipeline_model_parallel_size = num_layers // (pp * per_stage)
+        if self.virtual_pipeline_model_parallel_size == 1:
+            self.virtual_pipeline_model_parallel_size = None  # one chunk per rank: plain 1F1B
 
     def data_parallel_size(self, world_size: int) -> int:
         self.validate(world_size)

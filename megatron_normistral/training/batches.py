@@ -1,0 +1,76 @@
+"""From the mixture dataset to this rank's micro-batches, and the objective's loss function.
+
+Sample ``g`` of the run is global: DP rank r of a step takes samples
+``consumed + r * per_rank ... consumed + (r + 1) * per_rank - 1`` (per_rank = global batch /
+DP), so the data a run sees depends only on the seed, the mixture and the consumed-sample
+count — never on the parallel layout — and resuming at any step replays nothing.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
+import torch
+
+from megatron_normistral.data.objective import ObjectiveConfig, build_batch
+
+
+@dataclass
+class SpecialIds:
+    eod_id: int
+    mask_id: int | None
+    vocab_size: int
+
+
+class BatchSource:
+    def __init__(self, dataset, objective: ObjectiveConfig, ids: SpecialIds, micro_batch_size: int, global_batch_size: int, dp_rank: int, dp_size: int):
+        if objective.masked_fraction > 0 and ids.mask_id is None:
+            raise ValueError("the masked objective needs a <mask> token, and this tokenizer has none (set objective.masked_fraction: 0)")
+        self.dataset = dataset
+        self.objective = objective
+        self.ids = ids
+        self.micro_batch_size = micro_batch_size
+        self.per_rank = global_batch_size // dp_size
+        self.dp_rank = dp_rank
+        self.num_microbatches = self.per_rank // micro_batch_size
+
+    def micro_batches(self, consumed_samples: int) -> list[dict]:
+        start = consumed_samples + self.dp_rank * self.per_rank
+        batches = []
+        for m in range(self.num_microbatches):
+            indices = list(range(start + m * self.micro_batch_size, start + (m + 1) * self.micro_batch_size))
+            samples = [np.asarray(self.dataset[g]["tokens"]) for g in indices]
+            batches.append(
+                build_batch(
+                    samples, indices, self.objective,
+                    eod_id=self.ids.eod_id, mask_id=self.ids.mask_id if self.ids.mask_id is not None else 0,
+                    vocab_size=self.ids.vocab_size,
+                )
+            )
+        return batches
+
+
+def objective_loss(batch: dict, inject_nonfinite: bool, per_token_loss: torch.Tensor):
+    """megatron-core loss function (3-tuple form): counted-token loss sum, count, report.
+    Causal and masked samples are summed separately for logging."""
+    mask = batch["loss_mask"].float()
+    weighted = per_token_loss.float() * mask
+    masked_rows = batch["masked"].bool()
+    loss_sum = weighted.sum()
+    if inject_nonfinite:
+        loss_sum = loss_sum * float("nan")
+    count = mask.sum().to(torch.int)
+    report = {
+        "causal_sum": weighted[~masked_rows].sum().detach(),
+        "causal_tokens": mask[~masked_rows].sum().detach(),
+        "masked_sum": weighted[masked_rows].sum().detach(),
+        "masked_tokens": mask[masked_rows].sum().detach(),
+    }
+    return loss_sum, count, report
+
+
+def objective_forward_step(inject_nonfinite: bool, data_iterator, model):
+    batch = next(data_iterator)
+    output = model(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"])
+    return output, partial(objective_loss, batch, inject_nonfinite)

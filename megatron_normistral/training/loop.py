@@ -1,0 +1,180 @@
+"""The training loop. Everything it calls is a named piece elsewhere in training/."""
+from __future__ import annotations
+
+import math
+import signal
+import time
+from dataclasses import replace
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megatron_normistral.config.recipe import Recipe, RecipeError, validate_recipe
+from megatron_normistral.runtime import parallel as rt
+from megatron_normistral.training import checkpointing as ckpt
+from megatron_normistral.training.batches import BatchSource, SpecialIds, objective_forward_step
+from megatron_normistral.training.metrics import LossTotals, MetricsLogger, memory_gb, print_rank0, reduce_losses
+from megatron_normistral.training.schedule import apply_learning_rate, learning_rate
+from megatron_normistral.training.stages import set_trainable
+
+
+class TrainingStopped(RuntimeError):
+    pass
+
+
+class StopRequest:
+    """Signals (SIGTERM, SIGUSR1 from SLURM) and the wall-time limit, agreed on by all ranks."""
+
+    def __init__(self, signals: list[str], exit_minutes: float | None):
+        self.received: str | None = None
+        self.deadline = time.monotonic() + exit_minutes * 60 if exit_minutes else None
+        for name in signals:
+            signal.signal(getattr(signal, name), self._handle)
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+    def should_stop(self) -> str | None:
+        local = self.received or ("wall-time limit" if self.deadline and time.monotonic() > self.deadline else None)
+        flag = torch.tensor([1.0 if local else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return (local or "signal on another rank") if flag.item() else None
+
+
+def build_model_and_optimizer(recipe: Recipe, trainable: str):
+    from megatron_normistral.model.provider import build_model
+    from megatron_normistral.training.setup import build_optimizer, wrap_model
+
+    chunks = build_model(recipe.model, recipe.parallel, recipe.precision, recipe.training.seq_length)
+    if recipe.checkpoint.pretrained_checkpoint:
+        from megatron_normistral.convert.mcore_io import load_model_checkpoint
+
+        load_model_checkpoint(chunks, recipe.checkpoint.pretrained_checkpoint)
+    set_trainable(chunks, trainable)
+    chunks = wrap_model(chunks, recipe.parallel, recipe.precision)
+    chunks[0].config.calculate_per_token_loss = recipe.training.loss_weighting == "token"
+    return chunks, build_optimizer(chunks, recipe.optimizer, recipe.parallel, recipe.precision)
+
+
+def switch_to_full(recipe: Recipe, chunks):
+    """Stage 2 -> 3 in one run: unfreeze, re-wrap, new optimizer (transformer weights get
+    fresh Adam moments; the embeddings' moments start over too, as in a new stage)."""
+    from megatron_normistral.model.sharding import _unwrap
+    from megatron_normistral.training.setup import build_optimizer, wrap_model
+
+    bare = [_unwrap(c) for c in chunks]
+    set_trainable(bare, "full")
+    chunks = wrap_model(bare, recipe.parallel, recipe.precision)
+    chunks[0].config.calculate_per_token_loss = recipe.training.loss_weighting == "token"
+    return chunks, build_optimizer(chunks, recipe.optimizer, recipe.parallel, recipe.precision)
+
+
+def nonfinite_anywhere(chunks, totals: LossTotals) -> bool:
+    """Any NaN/inf in this step's loss or gradients on any rank (checked before the update)."""
+    local = not math.isfinite(totals.causal_sum + totals.masked_sum)
+    for chunk in chunks:
+        for buffer in chunk.buffers:
+            local = local or not bool(torch.isfinite(buffer.grad_data).all())
+    flag = torch.tensor([1.0 if local else 0.0])
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def pretrain(recipe: Recipe) -> ckpt.TrainState:
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_normistral.training.data_setup import build_data
+
+    world = int(__import__("os").environ.get("WORLD_SIZE", "1"))
+    validate_recipe(recipe, world)  # before any process group work
+    rt.init_distributed()
+    rt.init_model_parallel(recipe.parallel)
+    rt.set_seed(recipe.training.seed)
+    t = recipe.training
+    data = build_data(recipe)  # prints the mixture plan; saves it with the run
+
+    state = ckpt.TrainState(trainable=recipe.stage.trainable)
+    resume = ckpt.latest_checkpoint(recipe.checkpoint.load) if recipe.checkpoint.load else None
+    if resume:
+        state = ckpt.TrainState(**__import__("json").loads((resume / "train_state.json").read_text()))
+    chunks, optimizer = build_model_and_optimizer(recipe, state.trainable)
+    if resume:
+        state = ckpt.load_checkpoint(resume, chunks, optimizer)
+        print_rank0(f"resumed from {resume} at step {state.step} ({state.consumed_samples} samples consumed)")
+    arch = recipe.model.architecture()
+    logger = MetricsLogger(recipe.logging.log_interval, recipe.logging.log_json, recipe.logging.tensorboard_dir, is_logger=dist.get_rank() == dist.get_world_size() - 1)
+    stop = StopRequest(recipe.checkpoint.exit_signals, recipe.checkpoint.exit_duration_in_mins)
+    tokens_per_step = t.global_batch_size * t.seq_length
+    flops_per_step = arch.training_flops_per_token(t.seq_length) * tokens_per_step
+    forward_backward = get_forward_backward_func()
+
+    def save():
+        if recipe.checkpoint.save:
+            path = ckpt.save_checkpoint(recipe.checkpoint.save, chunks, optimizer, state, arch, recipe.checkpoint.keep_last)
+            print_rank0(f"saved checkpoint {path}")
+
+    while state.step < t.train_iters:
+        if state.trainable == "embeddings" and recipe.stage.switch_to_full_at is not None and state.step >= recipe.stage.switch_to_full_at:
+            chunks, optimizer = switch_to_full(recipe, chunks)
+            state.trainable = "full"
+            print_rank0(f"step {state.step}: switched from embeddings-only to full training")
+        started = time.perf_counter()
+        lr = learning_rate(state.step, recipe.optimizer.lr, recipe.optimizer.min_lr, recipe.schedule, t.train_iters)
+        apply_learning_rate(optimizer, lr, recipe.optimizer.weight_decay)
+        for chunk in chunks:
+            chunk.zero_grad_buffer()
+        optimizer.zero_grad()
+        micro_batches = data.train.micro_batches(state.consumed_samples)
+        reports = forward_backward(
+            forward_step_func=partial(objective_forward_step, state.step in t.inject_nonfinite_steps),
+            data_iterator=[iter(micro_batches) for _ in chunks] if len(chunks) > 1 else iter(micro_batches),
+            model=chunks, num_microbatches=len(micro_batches), seq_length=t.seq_length,
+            micro_batch_size=t.micro_batch_size, forward_only=False,
+        )
+        totals = LossTotals()
+        for report in reports or []:
+            totals.add(report)
+        if nonfinite_anywhere(chunks, totals):
+            grad_norm, state.skipped_steps, state.nonfinite_in_row = None, state.skipped_steps + 1, state.nonfinite_in_row + 1
+            print_rank0(f"step {state.step}: non-finite loss or gradients, update skipped ({state.nonfinite_in_row} in a row)")
+        else:
+            _, grad_norm, _ = optimizer.step()
+            state.nonfinite_in_row = 0
+        state.step += 1
+        state.consumed_samples += t.global_batch_size
+        elapsed = time.perf_counter() - started
+        losses = reduce_losses(totals)
+        tflops = flops_per_step / elapsed / dist.get_world_size() / 1e12
+        peak = recipe.logging.peak_flops_per_device
+        logger.step({
+            "step": state.step, **losses, "lr": lr, "grad_norm": grad_norm, "skipped": state.skipped_steps,
+            "tokens_per_s": tokens_per_step / elapsed, "tflops_per_device": tflops,
+            "mfu": tflops * 1e12 / peak if peak else None, "memory_gb": memory_gb(),
+            "consumed_samples": state.consumed_samples, "step_time_s": elapsed, "trainable": state.trainable,
+        })
+        if state.nonfinite_in_row >= t.max_nonfinite_steps_in_row:
+            logger.close()
+            raise TrainingStopped(
+                f"stopped: {state.nonfinite_in_row} non-finite steps in a row at step {state.step}; "
+                f"the last good checkpoint is still 'latest' in {recipe.checkpoint.save}"
+            )
+        if data.eval and recipe.evaluation.eval_interval and state.step % recipe.evaluation.eval_interval == 0:
+            logger.eval(state.step, data.evaluate(chunks))
+        reason = stop.should_stop()
+        if not reason and recipe.checkpoint.exit_interval and state.step % recipe.checkpoint.exit_interval == 0:
+            reason = f"exit interval {recipe.checkpoint.exit_interval}"
+        if reason or (recipe.checkpoint.save_interval and state.step % recipe.checkpoint.save_interval == 0):
+            save()
+        if reason:
+            print_rank0(f"stopping at step {state.step}: {reason}")
+            break
+    else:
+        if recipe.checkpoint.save and not (recipe.checkpoint.save_interval and state.step % recipe.checkpoint.save_interval == 0):
+            save()
+        if data.eval and not (recipe.evaluation.eval_interval and state.step % recipe.evaluation.eval_interval == 0):
+            logger.eval(state.step, data.evaluate(chunks))
+    logger.close()
+    return state
