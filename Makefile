@@ -1,7 +1,7 @@
 # megatron-normistral: the commands README.md shows.
 #   make install   create .venv (if absent) and install the package + pinned requirements
 #   make test      install if needed, then run the test suite
-#   make demo      (added with the demo) the whole three-stage pipeline, small, on CPU
+#   make demo      the whole three-stage pipeline, small, on CPU (report in runs/demo/)
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -28,3 +28,10 @@ test: install
 
 clean:
 	rm -rf build *.egg-info megatron_normistral/_helpers*.so
+
+# The whole three-stage pipeline, small, on CPU; writes runs/demo/report.md.
+# DEMO_ARGS=--fresh starts over; finished steps are reused otherwise.
+DEMO_ARGS ?=
+.PHONY: demo
+demo: install
+	$(PY) examples/demo/run_demo.py $(DEMO_ARGS)

@@ -280,13 +280,6 @@ def build_ours(arch_name: str, layers: int, vocab: int, seq: int, mask: str):
         arch=arch_name, vocab_size=vocab, num_layers=layers, transformer_impl="local", attention_mask=mask
     )
     chunks = build_model(model_config, parallel, precision, max_sequence_length=seq)
-    if torch.cuda.is_available():
-        # build_model leaves modules that megatron does not place (our RMSNorm weights) on the
-        # CPU, and wrap_model does not move them: megatron DDP's broadcast then fails ("No
-        # backend type associated with device type cpu", seen on the H200). Megatron-LM moves
-        # the model to the GPU before wrapping it; so do we, here.
-        for chunk in chunks:
-            chunk.cuda(torch.cuda.current_device())
     chunks = wrap_model(chunks, parallel, precision)
     optimizer = build_optimizer(chunks, OptimizerConfig(), parallel, precision)
 

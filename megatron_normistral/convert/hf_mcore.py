@@ -2,8 +2,8 @@
 
 HF -> mcore: read a group's HF tensors, fuse them (:mod:`.mistral`), write them as one part
 of a torch_dist checkpoint (:class:`.mcore_io.LayerwiseCheckpointWriter`), drop them.
-mcore -> HF: read a group's full tensors from a checkpoint of any layout, split them, hand
-them to the shard writer. Peak memory is one group plus (on export) the current output shard.
+mcore -> HF: read a group's full tensors from a checkpoint of any layout, split them, write
+their bytes straight into the planned safetensors shards. Peak memory is about one group.
 """
 from __future__ import annotations
 
@@ -30,7 +30,12 @@ from megatron_normistral.convert.mistral import (
     megatron_shape,
     megatron_to_hf,
 )
-from megatron_normistral.convert.safetensors_io import DEFAULT_MAX_SHARD_BYTES, HFCheckpointReader, ShardedSafetensorsWriter
+from megatron_normistral.convert.safetensors_io import (
+    DEFAULT_MAX_SHARD_BYTES,
+    HFCheckpointReader,
+    PlannedTensor,
+    ShardedSafetensorsWriter,
+)
 from megatron_normistral.model.architectures import ArchConfig, get_architecture
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -170,7 +175,10 @@ def mcore_to_hf(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike, tokeni
                               f"does not map to HF: {stray}")
 
     report = ConversionReport(arch=arch)
-    writer = ShardedSafetensorsWriter(out_dir, max_shard_bytes=max_shard_bytes)
+    plan = [PlannedTensor(name, shape_fn(arch), target)
+            for group in groups(arch) for m in group.mappings
+            for name, shape_fn in zip(m.hf_names(group.layer), m.hf_shapes)]
+    writer = ShardedSafetensorsWriter(out_dir, plan, max_shard_bytes=max_shard_bytes)
     for group in groups(arch):
         shapes = {m.megatron_name(group.layer): megatron_shape(arch, m) for m in group.mappings}
         tensors = mcore_io.read_megatron_tensors(mcore_dir, shapes, arch.num_layers, tensor_md)
@@ -183,7 +191,7 @@ def mcore_to_hf(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike, tokeni
                 report.tensors_written += 1
         if tensors:
             raise ConversionError(f"megatron tensors read but not converted: {sorted(tensors)}")
-    writer.close(expected=all_hf_names(arch))
+    writer.close()
 
     ids = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": None}
     if tokenizer_dir is not None:

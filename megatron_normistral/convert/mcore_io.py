@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import pickle
@@ -360,28 +361,36 @@ def checkpoint_tensor_metadata(directory: str | os.PathLike) -> dict:
     return {k: v for k, v in md.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
 
 
-def _region_planner(regions: dict[str, tuple[torch.Size, torch.Tensor]]):
+@functools.cache
+def _region_planner_class():
     """A torch.distributed.checkpoint load planner that reads one region (offsets, destination
     tensor) of each requested global tensor, from whatever chunks the checkpoint stored it in.
     Why not megatron-core's load: in a world of one it can read a global tensor only whole
-    (all layers at once), which is the memory this streaming avoids."""
+    (all layers at once), which is the memory this streaming avoids.
+
+    Defined once (not per call): a class made per call sits in a reference cycle, and would
+    keep its regions' tensors alive until the cyclic garbage collector runs."""
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
     from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
     from torch.distributed.checkpoint.planner import LoadPlan
     from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
     class RegionLoadPlanner(DefaultLoadPlanner):
+        def __init__(self, regions: dict[str, tuple[torch.Size, torch.Tensor]]):
+            super().__init__()
+            self.regions = regions
+
         def create_local_plan(self) -> LoadPlan:
             items = []
-            for key, (offsets, dest) in regions.items():
+            for key, (offsets, dest) in self.regions.items():
                 chunk = ChunkStorageMetadata(offsets=offsets, sizes=dest.shape)
                 items += create_read_items_for_chunk_list(key, self.metadata.state_dict_metadata[key], [chunk])
             return LoadPlan(items)
 
         def lookup_tensor(self, index):
-            return regions[index.fqn][1]
+            return self.regions[index.fqn][1]
 
-    return RegionLoadPlanner()
+    return RegionLoadPlanner
 
 
 def read_megatron_tensors(directory: str | os.PathLike, shapes: dict[str, tuple[int, ...]], num_layers: int,
@@ -410,5 +419,5 @@ def read_megatron_tensors(directory: str | os.PathLike, shapes: dict[str, tuple[
         offsets = torch.Size((0,) * len(global_shape) if layer is None else (layer,) + (0,) * len(shape))
         regions[key] = (offsets, dest)
         out[name] = dest if layer is None else dest[0]
-    dcp.load({}, storage_reader=dcp.FileSystemReader(str(directory)), planner=_region_planner(regions), no_dist=True)
+    dcp.load({}, storage_reader=dcp.FileSystemReader(str(directory)), planner=_region_planner_class()(regions), no_dist=True)
     return out

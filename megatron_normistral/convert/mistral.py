@@ -41,14 +41,14 @@ def _fuse_qkv(arch: ArchConfig, tensors: tuple[torch.Tensor, ...]) -> torch.Tens
     q, k, v = tensors
     ng, hd, h = arch.num_query_groups, arch.head_dim, arch.hidden_size
     per_group = arch.num_attention_heads // ng
-    fused = torch.cat([q.reshape(ng, per_group * hd, h), v.reshape(ng, hd, h), k.reshape(ng, hd, h)], dim=1)  # BROKEN ON PURPOSE
+    fused = torch.cat([q.reshape(ng, per_group * hd, h), k.reshape(ng, hd, h), v.reshape(ng, hd, h)], dim=1)
     return fused.reshape(ng * (per_group + 2) * hd, h)
 
 
 def _split_qkv(arch: ArchConfig, fused: torch.Tensor) -> tuple[torch.Tensor, ...]:
     ng, hd, h = arch.num_query_groups, arch.head_dim, arch.hidden_size
     per_group = arch.num_attention_heads // ng
-    q, v, k = fused.reshape(ng, (per_group + 2) * hd, h).split([per_group * hd, hd, hd], dim=1)  # BROKEN ON PURPOSE
+    q, k, v = fused.reshape(ng, (per_group + 2) * hd, h).split([per_group * hd, hd, hd], dim=1)
     # .contiguous(): safetensors refuses views, and each output must own its storage.
     return q.reshape(-1, h).contiguous(), k.reshape(-1, h).contiguous(), v.reshape(-1, h).contiguous()
 

@@ -1,19 +1,22 @@
 """Streaming I/O of Hugging Face safetensors checkpoints.
 
 Reading opens tensors one at a time (``safe_open`` reads only the requested tensor's bytes),
-so a converter holds only what it is converting. Writing buffers tensors only until a shard
-is full, then writes it. Both sides count every tensor, so a conversion can prove that each
-was consumed / written exactly once.
+so a converter holds only what it is converting. Writing buffers nothing: the output tensors
+are known up front (from the architecture), so shard headers are written first and each
+tensor's bytes as it arrives. Both sides count every tensor, so a conversion can prove that
+each was consumed / written exactly once.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
+import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -73,68 +76,98 @@ class HFCheckpointReader:
         return sorted(set(self._file_of) - self._consumed)
 
 
+_SAFETENSORS_DTYPES = {
+    torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+
+
 class ShardedSafetensorsWriter:
-    """Writes ``model-0000i-of-0000N.safetensors`` shards of at most ``max_shard_bytes`` plus
-    ``model.safetensors.index.json``. Tensors are written in the order they are added; a
-    shard is flushed as soon as the next tensor would not fit, so at most one shard is held.
+    """Writes ``model-0000i-of-0000N.safetensors`` shards of at most ``max_shard_bytes`` (a
+    tensor larger than that gets a shard of its own) plus ``model.safetensors.index.json``.
+
+    Nothing is buffered: the tensors to write (names, shapes, dtypes, order) are planned up
+    front, so every shard's safetensors header can be written before its data, and each
+    tensor's bytes go to disk as soon as it is added. Tensors must be added in plan order;
+    anything else (an unplanned, repeated or mis-shaped tensor, or a missing one at close)
+    is refused by name.
     """
 
-    def __init__(self, directory: str | os.PathLike, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES):
+    def __init__(self, directory: str | os.PathLike, plan: list[PlannedTensor],
+                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES):
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.max_shard_bytes = max_shard_bytes
-        self._buffer: dict[str, torch.Tensor] = {}
-        self._buffer_bytes = 0
-        self._shards: list[list[str]] = []  # tensor names per written shard
-        self._written: set[str] = set()
-        self._total_bytes = 0
-        self._closed = False
+        names = [p.name for p in plan]
+        if len(set(names)) != len(names):
+            raise CheckpointIOError("the plan names a tensor twice")
+        self._plan = list(plan)
+        # Assign shards in order: a new shard starts when the next tensor would not fit.
+        self._shards: list[list[PlannedTensor]] = []
+        size = 0
+        for p in self._plan:
+            if not self._shards or (size + p.nbytes > max_shard_bytes and self._shards[-1]):
+                self._shards.append([])
+                size = 0
+            self._shards[-1].append(p)
+            size += p.nbytes
+        n = len(self._shards)
+        self._file_names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self._next = 0  # index into the plan
+        self._shard_of = [i for i, shard in enumerate(self._shards) for _ in shard]
+        self._file = None
 
-    @staticmethod
-    def _nbytes(t: torch.Tensor) -> int:
-        return t.numel() * t.element_size()
+    def _open_shard(self, i: int) -> None:
+        header: dict = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for p in self._shards[i]:
+            header[p.name] = {"dtype": _SAFETENSORS_DTYPES[p.dtype], "shape": list(p.shape),
+                              "data_offsets": [offset, offset + p.nbytes]}
+            offset += p.nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
+        self._file = open(self.directory / (self._file_names[i] + ".partial"), "wb")
+        self._file.write(struct.pack("<Q", len(raw)) + raw)
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        if self._closed:
-            raise CheckpointIOError("writer is closed")
-        if name in self._written or name in self._buffer:
-            raise CheckpointIOError(f"tensor {name!r} was written twice")
-        size = self._nbytes(tensor)
-        if self._buffer and self._buffer_bytes + size > self.max_shard_bytes:
-            self._flush()
-        # A private contiguous copy: the caller's tensor may be a view of a larger one.
-        self._buffer[name] = tensor.detach().contiguous().clone() if not tensor.is_contiguous() else tensor.detach()
-        self._buffer_bytes += size
-        self._total_bytes += size
+        if self._next >= len(self._plan):
+            raise CheckpointIOError(f"tensor {name!r} is not planned (or was written twice)")
+        planned = self._plan[self._next]
+        if name != planned.name:
+            done = {p.name for p in self._plan[: self._next]}
+            what = "was written twice" if name in done else f"comes out of order (expected {planned.name!r})"
+            raise CheckpointIOError(f"tensor {name!r} {what}")
+        if tuple(tensor.shape) != planned.shape or tensor.dtype != planned.dtype:
+            raise CheckpointIOError(f"tensor {name!r} is {tuple(tensor.shape)} {tensor.dtype}, "
+                                    f"planned {planned.shape} {planned.dtype}")
+        shard = self._shard_of[self._next]
+        if self._file is None:
+            self._open_shard(shard)
+        flat = tensor.detach().contiguous().reshape(-1)
+        if flat.numel():
+            self._file.write(memoryview(flat.view(torch.uint8).numpy()))
+        self._next += 1
+        if self._next == len(self._plan) or self._shard_of[self._next] != shard:
+            self._file.close()
+            self._file = None
+            os.replace(self.directory / (self._file_names[shard] + ".partial"), self.directory / self._file_names[shard])
 
-    def _tmp_name(self, i: int) -> str:
-        return f"model-{i + 1:05d}.safetensors.partial"
-
-    def _flush(self) -> None:
-        if not self._buffer:
-            return
-        i = len(self._shards)
-        save_file(self._buffer, str(self.directory / self._tmp_name(i)), metadata={"format": "pt"})
-        self._shards.append(list(self._buffer))
-        self._written.update(self._buffer)
-        self._buffer, self._buffer_bytes = {}, 0
-
-    def close(self, expected: list[str] | None = None) -> dict:
-        """Write the last shard and the index; with ``expected``, check that exactly those
-        tensors were written. Returns the index."""
-        self._flush()
-        self._closed = True
-        if expected is not None:
-            missing = sorted(set(expected) - self._written)
-            extra = sorted(self._written - set(expected))
-            if missing or extra:
-                raise CheckpointIOError(f"written tensors differ from expected: missing {missing}, unexpected {extra}")
-        n = len(self._shards)
-        weight_map = {}
-        for i, names in enumerate(self._shards):
-            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            os.replace(self.directory / self._tmp_name(i), self.directory / final)
-            weight_map.update({name: final for name in names})
-        index = {"metadata": {"total_size": self._total_bytes}, "weight_map": weight_map}
+    def close(self) -> dict:
+        """Check that every planned tensor was written; write and return the index."""
+        if self._next != len(self._plan):
+            missing = [p.name for p in self._plan[self._next:]]
+            raise CheckpointIOError(f"tensors not written: missing {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+        weight_map = {p.name: self._file_names[i] for i, shard in enumerate(self._shards) for p in shard}
+        index = {"metadata": {"total_size": sum(p.nbytes for p in self._plan)}, "weight_map": weight_map}
         (self.directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
         return index

@@ -8,6 +8,7 @@ what the tests compare: full logits, greedy continuations, the gathered full wei
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -28,6 +29,7 @@ class Step:
     save_dir: str | None = None
     save_extra_keys: bool = False  # save like a training checkpoint: extra non-model keys
     check_template: bool = False  # compare mcore_io.sharded_entries with the model's own
+    bf16: bool = False  # build the model in bf16 (the checkpoint may be fp32)
     outputs: dict = field(default_factory=dict)
 
 
@@ -154,7 +156,7 @@ def run_steps(rank: int, world_size: int, steps: list[Step]) -> list[Step]:
         parallel.set_seed(1000 + i)  # a fresh random init that the load must overwrite
         model_config = mcore_io.model_config_from_checkpoint(step.load_dir, transformer_impl="local")
         arch = model_config.architecture()
-        chunks = build_model(model_config, pc, PrecisionConfig(), max_sequence_length=128)
+        chunks = build_model(model_config, pc, PrecisionConfig(bf16=step.bf16), max_sequence_length=128)
         for c in chunks:
             c.eval()
         if step.check_template:
@@ -174,9 +176,7 @@ def run_steps(rank: int, world_size: int, steps: list[Step]) -> list[Step]:
                 sd["optimizer"] = {"fake": ShardedTensor.from_rank_offsets(
                     "optimizer.state.exp_avg.fake", torch.full((8,), 3.0), replica_id=rank)}
                 if rank == 0:
-                    import os
-
-                    os.makedirs(step.save_dir, exist_ok=True)
+                    Path(step.save_dir).mkdir(parents=True, exist_ok=True)
                 dist.barrier()
                 dist_checkpointing.save(sd, step.save_dir)
                 if rank == 0:

@@ -91,48 +91,30 @@ _NEMO = ArchConfig(
     vocab_size=131_072,
 )
 
+# Tiny shapes for tests and the CPU demo. head_dim is deliberately != hidden/heads, as in
+# NeMo, so that decoupling is exercised everywhere.
+_TINY = ArchConfig(
+    name="tiny",
+    num_layers=4,
+    hidden_size=64,
+    num_attention_heads=4,
+    num_query_groups=2,
+    head_dim=32,
+    ffn_hidden_size=128,
+    vocab_size=256,
+    max_position_embeddings=4096,
+)
+
 ARCHITECTURES: dict[str, ArchConfig] = {
     a.name: a
     for a in (
         _NEMO,
         _NEMO.with_vocab(51_200, name="normistral-11b"),
-        # Tiny shapes for tests and the CPU demo. head_dim is deliberately != hidden/heads,
-        # as in NeMo, so that decoupling is exercised everywhere.
-        ArchConfig(
-            name="tiny",
-            num_layers=4,
-            hidden_size=64,
-            num_attention_heads=4,
-            num_query_groups=2,
-            head_dim=32,
-            ffn_hidden_size=128,
-            vocab_size=256,
-            max_position_embeddings=4096,
-        ),
+        _TINY,
         # Tied embeddings exercise the PP embedding-sync path (NeMo itself is untied).
-        ArchConfig(
-            name="tiny-tied",
-            num_layers=4,
-            hidden_size=64,
-            num_attention_heads=4,
-            num_query_groups=2,
-            head_dim=32,
-            ffn_hidden_size=128,
-            vocab_size=256,
-            max_position_embeddings=4096,
-            untie_embeddings=False,
-        ),
-        ArchConfig(
-            name="tiny-tekken",
-            num_layers=4,
-            hidden_size=128,
-            num_attention_heads=4,
-            num_query_groups=2,
-            head_dim=48,
-            ffn_hidden_size=384,
-            vocab_size=131_072,
-            max_position_embeddings=4096,
-        ),
+        replace(_TINY, name="tiny-tied", untie_embeddings=False),
+        # Tekken's real vocabulary: the demo's English-centric source model.
+        replace(_TINY, name="tiny-tekken", hidden_size=128, head_dim=48, ffn_hidden_size=384, vocab_size=131_072),
     )
 }
 

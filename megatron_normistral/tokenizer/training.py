@@ -6,7 +6,8 @@ and that encodes exactly like the native model:
 ``bytelevel`` (the authors' setting)
     Hugging Face ``tokenizers`` byte-level BPE: NFKC normalisation, digits split into single
     digits, pieces of at most 24 characters, BOS added by the post-processor.
-    Round trip: ``decode(encode(text)) == unicodedata.normalize("NFKC", text)``.
+    Round trip: ``decode(encode(text)) == NFKC(text)`` with the ``tokenizers`` library's NFKC
+    (:func:`hf_roundtrip_normalise`).
 ``sentencepiece``
     SentencePiece BPE with byte fallback (characters outside the vocabulary become
     ``<0xNN>`` byte pieces, so nothing is ever unknown), no Unicode normalisation, a dummy
@@ -329,11 +330,13 @@ def train_tokenizer(cfg: TokenizerTrainingConfig) -> TrainingResult:
 
 
 def hf_roundtrip_normalise(text: str, backend: str) -> str:
-    """What ``decode(encode(text))`` returns for a tokenizer of this backend."""
-    import unicodedata
-
+    """What ``decode(encode(text))`` returns for a tokenizer of this backend. NFKC is the
+    ``tokenizers`` library's (its Unicode tables can differ from Python's ``unicodedata`` for
+    recently added characters, e.g. U+10781), so use this function, not ``unicodedata``."""
     if backend == "bytelevel":
-        return unicodedata.normalize("NFKC", text)
+        from tokenizers import normalizers
+
+        return normalizers.NFKC().normalize_str(text)
     return text.replace(SP_SPACE, " ")
 
 

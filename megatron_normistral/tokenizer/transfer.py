@@ -59,6 +59,7 @@ TOKENIZER_FILES = (
 )
 EMBED_SUFFIX = "embed_tokens.weight"
 HEAD_NAME = "lm_head.weight"
+COPY_CHUNK = 8 << 20  # bytes read at a time when copying a tensor
 
 DTYPES = {  # safetensors dtype name -> (torch dtype name, bytes per element)
     "F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2),
@@ -150,6 +151,9 @@ def _log(verbose: bool, msg: str) -> None:
 
 
 def _special_name(tok: Tokenizer, i: int) -> str:
+    piece = getattr(tok, "piece", None)
+    if piece is not None:
+        return piece(i)
     for attr, name in (("unk_id", "<unk>"), ("bos_id", "<s>"), ("eos_id", "</s>"), ("pad_id", "<pad>"), ("mask_id", "<mask>")):
         if getattr(tok, attr, None) == i:
             return name
@@ -319,7 +323,7 @@ def _write_shard(src: Path, dst: Path, replace: dict[str, object], verbose: bool
             fin.seek(base + a)
             left = b - a
             while left:
-                chunk = fin.read(min(left, 64 << 20))
+                chunk = fin.read(min(left, COPY_CHUNK))
                 if not chunk:
                     raise TransferError(f"{src}: truncated tensor {k}")
                 fout.write(chunk)
@@ -359,12 +363,12 @@ def transfer_embeddings(cfg: TransferConfig) -> TransferReport:
     tgt_path = Path(cfg.target_tokenizer)
     if not tgt_path.is_dir():
         raise TransferError(f"--target-tokenizer {tgt_path}: expected a tokenizer folder")
+    files, index = _weight_files(src_dir)
     try:
         source_tok = load_tokenizer(cfg.source_tokenizer)
         target_tok = load_tokenizer(tgt_path)
     except TokenizerSpecError as e:
         raise TransferError(str(e)) from None
-    files, index = _weight_files(src_dir)
 
     # find the embedding and head tensors
     where: dict[str, tuple[str, dict, int]] = {}

@@ -60,6 +60,10 @@ class Tokenizer:
     def is_special(self, token_id: int) -> bool:
         return self.token_surface(token_id) is None
 
+    def piece(self, token_id: int) -> str:
+        """The token as the tokenizer spells it in its vocabulary (e.g. ``<s>``, ``▁og``)."""
+        raise NotImplementedError(f"{type(self).__name__} has no piece")
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, vocab_size={self.vocab_size})"
 
@@ -133,6 +137,9 @@ class TekkenTokenizer(Tokenizer):
     def token_surface(self, token_id: int) -> bytes | None:
         return None if self.is_special(token_id) else self.token_bytes(token_id)
 
+    def piece(self, token_id: int) -> str:
+        return self._tok.id_to_piece(token_id)
+
     def encode_surface(self, data: bytes) -> list[int]:
         """Valid UTF-8: the ordinary encoding. Otherwise (a piece of a multi-byte character)
         byte-level BPE of the bytes as one piece."""
@@ -167,6 +174,9 @@ class SentencePieceTokenizer(Tokenizer):
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._sp.decode(list(ids))
+
+    def piece(self, token_id: int) -> str:
+        return self._sp.id_to_piece(token_id)
 
     def token_surface(self, token_id: int) -> bytes | None:
         if self._sp.is_control(token_id) or self._sp.is_unknown(token_id):
@@ -253,6 +263,12 @@ class HFTokenizer(Tokenizer):
     def is_special(self, token_id: int) -> bool:
         self.convention
         return token_id in self._special_ids
+
+    def piece(self, token_id: int) -> str:
+        piece = self._tok.id_to_token(token_id)
+        if piece is None:
+            raise TokenizerSpecError(f"{self.name}: no token with id {token_id}")
+        return piece
 
     def token_surface(self, token_id: int) -> bytes | None:
         conv = self.convention

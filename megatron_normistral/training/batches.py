@@ -14,6 +14,13 @@ import numpy as np
 import torch
 
 from megatron_normistral.data.objective import ObjectiveConfig, build_batch
+from megatron_normistral.runtime.parallel import device
+
+
+def to_device(batch: dict) -> dict:
+    """Batches are built on the host; the model runs on this rank's device."""
+    target = device()
+    return {k: v.to(target, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 @dataclass
@@ -41,13 +48,12 @@ class BatchSource:
         for m in range(self.num_microbatches):
             indices = list(range(start + m * self.micro_batch_size, start + (m + 1) * self.micro_batch_size))
             samples = [np.asarray(self.dataset[g]["tokens"]) for g in indices]
-            batches.append(
-                build_batch(
-                    samples, indices, self.objective,
-                    eod_id=self.ids.eod_id, mask_id=self.ids.mask_id if self.ids.mask_id is not None else 0,
-                    vocab_size=self.ids.vocab_size,
-                )
+            batch = build_batch(
+                samples, indices, self.objective,
+                eod_id=self.ids.eod_id, mask_id=self.ids.mask_id if self.ids.mask_id is not None else 0,
+                vocab_size=self.ids.vocab_size,
             )
+            batches.append(to_device(batch))
         return batches
 
 

@@ -16,7 +16,7 @@ from megatron_normistral.training.evaluation import EvalData, evaluate, prepare_
 
 @dataclass
 class RunData:
-    train: BatchSource
+    train: BatchSource | None  # None when only evaluating
     eval: list[EvalData]
     ids: SpecialIds
     recipe: Recipe
@@ -50,15 +50,17 @@ def build_data(recipe: Recipe) -> RunData:
     def make(verbose: bool) -> MixtureDataset:
         return MixtureDataset(_mixture(d.corpora, recipe), t.train_iters * t.global_batch_size, cache_dir=cache, changes=changes, verbose=verbose)
 
-    # Rank 0 builds (and caches) the index and prints the plan; the others then load it.
-    dataset = make(verbose=True) if rank == 0 else None
-    dist.barrier()
-    if rank != 0:
-        dataset = make(verbose=False)
-    if rank == 0 and recipe.checkpoint.save:
-        Path(recipe.checkpoint.save).mkdir(parents=True, exist_ok=True)
-        dataset.save_plan(Path(recipe.checkpoint.save) / "mixture_plan.json")
     dp_size = parallel_state.get_data_parallel_world_size()
-    train = BatchSource(dataset, recipe.objective, ids, t.micro_batch_size, t.global_batch_size, parallel_state.get_data_parallel_rank(), dp_size)
+    train = None
+    if t.train_iters > 0:  # --train-iters 0: evaluation only
+        # Rank 0 builds (and caches) the index and prints the plan; the others then load it.
+        dataset = make(verbose=True) if rank == 0 else None
+        dist.barrier()
+        if rank != 0:
+            dataset = make(verbose=False)
+        if rank == 0 and recipe.checkpoint.save:
+            Path(recipe.checkpoint.save).mkdir(parents=True, exist_ok=True)
+            dataset.save_plan(Path(recipe.checkpoint.save) / "mixture_plan.json")
+        train = BatchSource(dataset, recipe.objective, ids, t.micro_batch_size, t.global_batch_size, parallel_state.get_data_parallel_rank(), dp_size)
     eval_sets = [prepare_eval_data(e.language, e.path, tokenizer, t.seq_length, recipe.evaluation.eval_max_tokens) for e in d.eval_sets]
     return RunData(train=train, eval=eval_sets, ids=ids, recipe=recipe)

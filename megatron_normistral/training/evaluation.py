@@ -17,6 +17,8 @@ import numpy as np
 import torch
 
 from megatron_normistral.data.objective import ObjectiveConfig, build_batch
+from megatron_normistral.runtime.parallel import device
+from megatron_normistral.training.batches import to_device
 
 
 @dataclass
@@ -46,12 +48,22 @@ def prepare_eval_data(language: str, path: str, tokenizer, seq_length: int, max_
     paragraphs = (p for text in read_jsonl_texts(path) for p in text.split("\n\n") if p.strip())
     for paragraph in paragraphs:
         ids = tokenizer.encode(paragraph)
-        if len(stream) + len(ids) + 1 > max_tokens:
+        room = max_tokens - len(stream) - 1
+        if len(ids) > room:
+            # The budget ends inside this paragraph: keep as many of its words as fit.
+            kept = paragraph.split()
+            while kept and len(ids) > room:
+                kept = kept[: max(0, min(len(kept) - 1, len(kept) * room // max(len(ids), 1)))]
+                ids = tokenizer.encode(" ".join(kept))
+            if kept:
+                stream.extend(ids)
+                stream.append(tokenizer.eod_id)
+                words += len(kept)
             break
         stream.extend(ids)
         stream.append(tokenizer.eod_id)
         words += len(paragraph.split())
-    n = (len(stream) - 1) // seq_length
+    n = (len(stream) - 1) // seq_length if stream else 0
     if n == 0:
         raise ValueError(f"{path}: held-out text for {language} is shorter than one sequence ({seq_length} tokens)")
     arr = np.asarray(stream, dtype=np.int64)
@@ -89,7 +101,7 @@ def _accuracy_loss(batch, logits):
         prediction = local_idx
     mask = batch["loss_mask"].float()
     correct = ((prediction == batch["labels"]).float() * mask).sum()
-    zero = torch.zeros((), dtype=torch.float32, requires_grad=False)
+    zero = torch.zeros((), dtype=torch.float32, device=logits.device)
     return zero, mask.sum().to(torch.int), {"correct": correct.detach(), "count": mask.sum().detach()}
 
 
@@ -119,8 +131,8 @@ def evaluate(chunks, data: list[EvalData], objective: ObjectiveConfig, ids, seq_
                 batches = []
                 for start in range(0, usable - usable % mbs, mbs):
                     idx = list(range(start, start + mbs))
-                    batches.append(build_batch([windows[i] for i in idx], idx, cfg, eod_id=ids.eod_id,
-                                               mask_id=ids.mask_id if ids.mask_id is not None else 0, vocab_size=ids.vocab_size))
+                    batches.append(to_device(build_batch([windows[i] for i in idx], idx, cfg, eod_id=ids.eod_id,
+                                                         mask_id=ids.mask_id if ids.mask_id is not None else 0, vocab_size=ids.vocab_size)))
                 if mode == "masked" and ids.mask_id is None:
                     continue
                 with torch.no_grad():
@@ -131,7 +143,8 @@ def evaluate(chunks, data: list[EvalData], objective: ObjectiveConfig, ids, seq_
                         micro_batch_size=mbs, forward_only=True,
                     )
                 key = "nll" if mode == "causal" else "correct"
-                totals = torch.tensor([sum(float(r[key]) for r in reports or []), sum(float(r["count"]) for r in reports or [])], dtype=torch.float64)
+                totals = torch.tensor([sum(float(r[key]) for r in reports or []), sum(float(r["count"]) for r in reports or [])],
+                                      dtype=torch.float64, device=device())
                 # Only last-stage ranks have reports; all DP replicas evaluated the same windows.
                 from megatron.core import parallel_state
 

@@ -24,6 +24,13 @@ class TrainingStopped(RuntimeError):
     pass
 
 
+def any_rank(flag: bool) -> bool:
+    """True on every rank if ``flag`` is True on any (a device tensor: NCCL needs one)."""
+    t = torch.tensor([1.0 if flag else 0.0], device=rt.device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 class StopRequest:
     """Signals (SIGTERM, SIGUSR1 from SLURM) and the wall-time limit, agreed on by all ranks."""
 
@@ -38,9 +45,7 @@ class StopRequest:
 
     def should_stop(self) -> str | None:
         local = self.received or ("wall-time limit" if self.deadline and time.monotonic() > self.deadline else None)
-        flag = torch.tensor([1.0 if local else 0.0])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return (local or "signal on another rank") if flag.item() else None
+        return (local or "signal on another rank") if any_rank(bool(local)) else None
 
 
 def build_model_and_optimizer(recipe: Recipe, trainable: str):
@@ -77,9 +82,7 @@ def nonfinite_anywhere(chunks, totals: LossTotals) -> bool:
     for chunk in chunks:
         for buffer in chunk.buffers:
             local = local or not bool(torch.isfinite(buffer.grad_data).all())
-    flag = torch.tensor([1.0 if local else 0.0])
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
+    return any_rank(local)
 
 
 def pretrain(recipe: Recipe) -> ckpt.TrainState:

@@ -42,9 +42,11 @@ def reduce_losses(totals: LossTotals) -> dict:
     """Combine every rank's totals (only last-stage ranks have any) into step losses."""
     import torch.distributed as dist
 
-    t = totals.as_tensor()
+    from megatron_normistral.runtime.parallel import device
+
+    t = totals.as_tensor().to(device())  # NCCL reduces device tensors only
     dist.all_reduce(t)
-    causal_sum, causal_tokens, masked_sum, masked_tokens, mean_sum, micro_batches = t.tolist()
+    causal_sum, causal_tokens, masked_sum, masked_tokens, mean_sum, micro_batches = t.cpu().tolist()
     nan = float("nan")
     return {
         "loss": mean_sum / micro_batches if micro_batches else nan,

@@ -102,6 +102,7 @@ def runs(work, mcore_dir, prompts):
         Step("tp1", str(mcore_dir), tokens=toks, generate=GEN_TOKENS, check_template=True),
         Step("tp1<-tp2pp2", tp2pp2, want_weights=True),
         Step("tp1<-pp2vpp2", vpp, want_weights=True),
+        Step("tp2 bf16", str(mcore_dir), tp=2, want_weights=True, bf16=True),
     ]
     results = {step.name: step.outputs for step in run_distributed(run_steps, world_size=4, args=(steps,), timeout_s=300)}
     return results
@@ -141,6 +142,13 @@ def test_weights_bit_identical_across_layouts(runs, expected_megatron, layout):
     weights = runs[layout]["weights"]
     assert set(weights) == set(expected_megatron)
     different = [n for n, t in expected_megatron.items() if not torch.equal(weights[n], t)]
+    assert different == []
+
+
+def test_fp32_checkpoint_loads_into_bf16_model(runs, expected_megatron):
+    weights = runs["tp2 bf16"]["weights"]
+    different = [n for n, t in expected_megatron.items()
+                 if weights[n].dtype != torch.bfloat16 or not torch.equal(weights[n], t.to(torch.bfloat16))]
     assert different == []
 
 
@@ -249,3 +257,16 @@ def test_refuses_layout_the_architecture_cannot_take(work, hf_model):
     with pytest.raises(ValueError, match="layers \\(4\\) not divisible by pipeline size x virtual stages"):
         hf_mcore.hf_to_mcore(work / "hf", work / "out_bad_layout", pp=3)
 
+
+
+def test_export_refuses_checkpoint_of_another_shape_naming_the_tensor(work, mcore_dir):
+    import shutil
+
+    no_json = work / "mcore_no_json"
+    shutil.copytree(mcore_dir, no_json)
+    (no_json / "normistral_model.json").unlink()
+    with pytest.raises(ConversionError, match=r"not found.*--arch"):
+        hf_mcore.mcore_to_hf(no_json, work / "out_no_json")
+    with pytest.raises(ConversionError, match=r"'embedding\.word_embeddings\.weight'.*global shape \(256, 64\).*"
+                                              r"\(131072, 128\)"):
+        hf_mcore.mcore_to_hf(no_json, work / "out_wrong_arch", arch_name="tiny-tekken")

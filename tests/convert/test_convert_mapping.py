@@ -7,7 +7,12 @@ from safetensors.torch import load_file
 
 from megatron_normistral.convert import ConversionError, arch_from_hf_config, hf_config_from_arch
 from megatron_normistral.convert import mistral
-from megatron_normistral.convert.safetensors_io import CheckpointIOError, HFCheckpointReader, ShardedSafetensorsWriter
+from megatron_normistral.convert.safetensors_io import (
+    CheckpointIOError,
+    HFCheckpointReader,
+    PlannedTensor,
+    ShardedSafetensorsWriter,
+)
 from megatron_normistral.model.architectures import get_architecture
 
 TINY = get_architecture("tiny")
@@ -82,31 +87,46 @@ def test_wrong_shape_is_refused_by_name():
         mistral.megatron_to_hf(TINY, mapping, 2, torch.zeros(255, 64))
 
 
-def test_writer_shards_by_size_with_index_and_exactly_once(tmp_path):
+def _plan(tensors):
+    return [PlannedTensor(n, tuple(t.shape), t.dtype) for n, t in tensors.items()]
+
+
+def test_writer_streams_shards_by_size_with_index(tmp_path):
     tensors = {f"t{i}": torch.full((10, 10), float(i)) for i in range(5)}  # 400 bytes each
-    writer = ShardedSafetensorsWriter(tmp_path, max_shard_bytes=900)
+    tensors["big"] = torch.arange(300, dtype=torch.bfloat16).reshape(3, 100)  # 600 bytes
+    tensors["empty"] = torch.zeros(0, 4)
+    writer = ShardedSafetensorsWriter(tmp_path, _plan(tensors), max_shard_bytes=900)
     for name, t in tensors.items():
         writer.add(name, t)
-    with pytest.raises(CheckpointIOError, match="t1.*twice"):
-        writer.add("t1", tensors["t1"])
-    index = writer.close(expected=list(tensors))
+    index = writer.close()
     files = sorted(set(index["weight_map"].values()))
-    assert files == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
-    assert index["metadata"]["total_size"] == 2000
+    assert files == [f"model-0000{i}-of-00004.safetensors" for i in (1, 2, 3, 4)]
+    assert [index["weight_map"][n] for n in ("t0", "t1", "t2", "t3", "t4", "big")] == [files[0]] * 2 + [files[1]] * 2 + [files[2], files[3]]
+    assert index["metadata"]["total_size"] == 2600
     assert json.loads((tmp_path / "model.safetensors.index.json").read_text()) == index
+    assert not list(tmp_path.glob("*.partial"))
     loaded = {}
     for f in files:
         loaded.update(load_file(tmp_path / f))
-    assert all(torch.equal(loaded[k], v) for k, v in tensors.items())
+    assert all(loaded[k].dtype == v.dtype and torch.equal(loaded[k], v) for k, v in tensors.items())
     reader = HFCheckpointReader(tmp_path)
+    assert reader.shape("big") == (3, 100)
     assert torch.equal(reader.read("t3"), tensors["t3"])
     with pytest.raises(CheckpointIOError, match="t3.*read twice"):
         reader.read("t3")
-    assert reader.unconsumed() == ["t0", "t1", "t2", "t4"]
+    assert reader.unconsumed() == ["big", "empty", "t0", "t1", "t2", "t4"]
 
 
-def test_writer_refuses_missing_tensor(tmp_path):
-    writer = ShardedSafetensorsWriter(tmp_path)
-    writer.add("a", torch.zeros(2))
-    with pytest.raises(CheckpointIOError, match=r"missing \['b'\]"):
-        writer.close(expected=["a", "b"])
+def test_writer_refuses_duplicates_disorder_wrong_shapes_and_missing(tmp_path):
+    tensors = {"a": torch.zeros(2), "b": torch.ones(3), "c": torch.ones(1)}
+    writer = ShardedSafetensorsWriter(tmp_path, _plan(tensors))
+    writer.add("a", tensors["a"])
+    with pytest.raises(CheckpointIOError, match="'a' was written twice"):
+        writer.add("a", tensors["a"])
+    with pytest.raises(CheckpointIOError, match="'c' comes out of order"):
+        writer.add("c", tensors["c"])
+    with pytest.raises(CheckpointIOError, match=r"'b' is \(4,\)"):
+        writer.add("b", torch.ones(4))
+    writer.add("b", tensors["b"])
+    with pytest.raises(CheckpointIOError, match=r"missing \['c'\]"):
+        writer.close()

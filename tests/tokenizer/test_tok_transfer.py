@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 
@@ -152,11 +153,19 @@ def test_specials_follow_table(transferred, source_model, tekken):
     assert "mean of all source rows" in report.specials[4] and len(report.specials) == 16
 
 
-@settings(max_examples=200, deadline=None)
+@pytest.fixture(scope="module")
+def plans(small_tokenizers, tekken):
+    out = {}
+    for backend, tok in small_tokenizers.items():
+        target = load_tokenizer(tok)
+        out[backend] = (target, plan_transfer(tekken, target))
+    return out
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(i=st.integers(16, 2999), backend=st.sampled_from(["bytelevel", "sentencepiece"]))
-def test_pieces_spell_the_token(small_tokenizers, tekken, i, backend):
-    target = load_tokenizer(small_tokenizers[backend])
-    plan = plan_transfer(tekken, target)
+def test_pieces_spell_the_token(small_tokenizers, tekken, plans, i, backend):
+    target, plan = plans[backend]
     surface = target.token_surface(i)
     assert surface == _direct_surface(small_tokenizers[backend], backend, i) or b"\xef\xbf\xbd" in _direct_surface(
         small_tokenizers[backend], backend, i)
@@ -171,10 +180,9 @@ def test_byte_level_alphabet_matches_tokenizers():
     assert len(set(mapping.values())) == 256
 
 
-def test_init_and_head_options(tmp_path, source_model, small_tokenizers, tekken, transferred):
+def test_init_and_head_options(tmp_path, source_model, small_tokenizers, plans, transferred):
     tok = small_tokenizers["bytelevel"]
-    target = load_tokenizer(tok)
-    plan = plan_transfer(tekken, target)
+    plan = plans["bytelevel"][1]
     src = _tensors(source_model)
     mean_new = _tensors(transferred["bytelevel"][1])
     transfer_embeddings(TransferConfig(str(source_model), "tekken", str(tok), str(tmp_path / "f"),
@@ -196,13 +204,13 @@ def test_init_and_head_options(tmp_path, source_model, small_tokenizers, tekken,
     assert not torch.equal(first["lm_head.weight"][multi], mean_new["lm_head.weight"][multi])
 
 
-def test_bf16_rounds_fp32_mean(tmp_path, small_tokenizers, tekken):
+def test_bf16_rounds_fp32_mean(tmp_path, small_tokenizers, plans):
     src_dir = _tiny_mistral(tmp_path / "bf16", dtype=torch.bfloat16)
     tok = small_tokenizers["sentencepiece"]
     transfer_embeddings(TransferConfig(str(src_dir), "tekken", str(tok), str(tmp_path / "o"), verbose=False))
     new, src = _tensors(tmp_path / "o"), _tensors(src_dir)
     assert new["lm_head.weight"].dtype == torch.bfloat16 and (tmp_path / "o" / "model.safetensors").exists()
-    plan = plan_transfer(tekken, load_tokenizer(tok))
+    plan = plans["sentencepiece"][1]
     for i in range(300, 3000, 50):
         ids = list(plan.rows[i].ids)
         expected = src["model.embed_tokens.weight"][ids].float().mean(0).to(torch.bfloat16)
@@ -229,7 +237,7 @@ def test_unknown_pieces_fall_back_to_random_and_are_reported(tmp_path, small_tok
     assert rep["summary"]["1 piece"] >= 5
     for i in range(16, 3000):
         surface = target.token_surface(i)
-        in_vocab = all(part in words for part in surface.decode("utf-8", "replace").replace(" ", "\0 \0").split("\0") if part)
+        in_vocab = all(part in words for part in re.split("( )", surface.decode("utf-8", "replace")) if part)
         assert (str(i) in rep["random_rows"]) == (not in_vocab), (i, surface)
 
 
@@ -248,3 +256,44 @@ def test_cli_help_and_errors(tmp_path, small_tokenizers):
                         "--target-tokenizer", str(small_tokenizers["bytelevel"]), "--output", str(tmp_path / "o")],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "no model.safetensors" in r.stderr
+
+
+_PEAK_SCRIPT = r"""
+import resource, sys
+sys.path.insert(0, sys.argv[1])
+from megatron_normistral.tokenizer.transfer import TransferConfig, transfer_embeddings
+transfer_embeddings(TransferConfig(sys.argv[2], "tekken", sys.argv[3], sys.argv[4], verbose=False))
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def _fake_checkpoint(path: Path, big_tensors: int) -> Path:
+    from safetensors.torch import save_file
+
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({"model_type": "mistral", "vocab_size": TEKKEN_VOCAB}))
+    gen = torch.Generator().manual_seed(0)
+    save_file({"model.embed_tokens.weight": torch.randn(TEKKEN_VOCAB, 16, generator=gen),
+               "lm_head.weight": torch.randn(TEKKEN_VOCAB, 16, generator=gen)}, str(path / "model-1.safetensors"))
+    weight_map = {"model.embed_tokens.weight": "model-1.safetensors", "lm_head.weight": "model-1.safetensors"}
+    for k in range(big_tensors):
+        name = f"model.layers.{k}.mlp.weight"
+        save_file({name: torch.full((8 << 20,), float(k))}, str(path / f"model-{k + 2}.safetensors"))  # 32 MiB
+        weight_map[name] = f"model-{k + 2}.safetensors"
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return path
+
+
+def test_streams_tensor_by_tensor(tmp_path, small_tokenizers):
+    """Peak memory does not grow with the size of the other tensors (6 x 32 MiB vs 1 x 32 MiB)."""
+    peaks = {}
+    for n in (1, 6):
+        src = _fake_checkpoint(tmp_path / f"src{n}", n)
+        r = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(REPO), str(src),
+                            str(small_tokenizers["bytelevel"]), str(tmp_path / f"out{n}")],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        peaks[n] = int(r.stdout.split()[-1]) * 1024
+        out = _tensors(tmp_path / f"out{n}")
+        assert float(out[f"model.layers.{n - 1}.mlp.weight"][123]) == float(n - 1)
+    assert peaks[6] - peaks[1] < 48 << 20, peaks

@@ -121,3 +121,14 @@ def test_authors_recipes_load_and_validate():
 def test_help_runs():
     out = subprocess.run([sys.executable, str(REPO / "pretrain_normistral.py"), "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "--tensor-model-parallel-size" in out.stdout and "--objective.masked_fraction" in out.stdout
+
+
+def test_readme_configuration_reference_is_current():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("config_reference", REPO / "tools" / "config_reference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index(module.BEGIN) + len(module.BEGIN) : readme.index(module.END)]
+    assert section.strip() == module.reference().strip(), "run: python tools/config_reference.py --readme"
