@@ -60,7 +60,7 @@ class Scale:
 
 
 SCALES = {
-    "full": Scale(vocab_size=16384, source_iters=80, stage2_iters=40, stage3_iters=100, eval_max_tokens=16384, max_docs=None, heldout_every=10),
+    "full": Scale(vocab_size=16384, source_iters=40, stage2_iters=40, stage3_iters=100, eval_max_tokens=16384, max_docs=None, heldout_every=10),
     "smoke": Scale(vocab_size=1024, source_iters=3, stage2_iters=2, stage3_iters=3, eval_max_tokens=1024, max_docs=30, heldout_every=5),
 }
 
