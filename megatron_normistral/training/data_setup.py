@@ -17,6 +17,7 @@ from megatron_normistral.training.evaluation import EvalData, evaluate, prepare_
 @dataclass
 class RunData:
     train: BatchSource | None  # None when only evaluating
+    mixture_fingerprint: str | None  # of every input of the sample index (corpora, weights, seed, ...)
     eval: list[EvalData]
     ids: SpecialIds
     recipe: Recipe
@@ -63,4 +64,5 @@ def build_data(recipe: Recipe) -> RunData:
             dataset.save_plan(Path(recipe.checkpoint.save) / "mixture_plan.json")
         train = BatchSource(dataset, recipe.objective, ids, t.micro_batch_size, t.global_batch_size, parallel_state.get_data_parallel_rank(), dp_size)
     eval_sets = [prepare_eval_data(e.language, e.path, tokenizer, t.seq_length, recipe.evaluation.eval_max_tokens) for e in d.eval_sets]
-    return RunData(train=train, eval=eval_sets, ids=ids, recipe=recipe)
+    fingerprint = train.dataset.fingerprint if train else None
+    return RunData(train=train, mixture_fingerprint=fingerprint, eval=eval_sets, ids=ids, recipe=recipe)

@@ -107,6 +107,13 @@ def pretrain(recipe: Recipe) -> ckpt.TrainState:
     if resume:
         state = ckpt.load_checkpoint(resume, chunks, optimizer)
         print_rank0(f"resumed from {resume} at step {state.step} ({state.consumed_samples} samples consumed)")
+        saved = state.extra.get("mixture_fingerprint")
+        if saved and data.mixture_fingerprint and saved != data.mixture_fingerprint:
+            # Legitimate after a deliberate change (new data.mixture_changes, new corpus
+            # files); otherwise the resumed run reads other data than the one it continues.
+            print_rank0(f"WARNING: the data mixture differs from the checkpoint's (index fingerprint {saved} -> "
+                        f"{data.mixture_fingerprint}): samples from step {state.step} on come from the new mixture")
+    state.extra["mixture_fingerprint"] = data.mixture_fingerprint
     arch = recipe.model.architecture()
     logger = MetricsLogger(recipe.logging.log_interval, recipe.logging.log_json, recipe.logging.tensorboard_dir, is_logger=dist.get_rank() == dist.get_world_size() - 1)
     stop = StopRequest(recipe.checkpoint.exit_signals, recipe.checkpoint.exit_duration_in_mins)

@@ -86,10 +86,11 @@ def test_resume_is_exact_and_reshards(data, tmp_path):
 
 def test_nonfinite_steps_are_skipped_then_stop(data, tmp_path):
     run = tiny_recipe(data, tmp_path / "nan", training={"train_iters": 6, "inject_nonfinite_steps": [2, 3], "max_nonfinite_steps_in_row": 2},
-                      checkpoint={"save_interval": 1})
+                      checkpoint={"save_interval": 1, "keep_last": 2})
     result = run_distributed(run_pretrain_and_read, 1, args=(run, [f"{run.checkpoint.save}/iter_0000002", f"{run.checkpoint.save}/iter_0000003"]))
     assert result["stopped"] and "2 non-finite steps in a row" in result["stopped"]
     assert (Path(run.checkpoint.save) / "latest").read_text().strip() == "iter_0000003"
+    assert sorted(p.name for p in Path(run.checkpoint.save).glob("iter_*")) == ["iter_0000002", "iter_0000003"]  # keep_last 2
     before_skip, after_skip = result["weights"]
     assert all(torch.equal(before_skip[k], after_skip[k]) for k in before_skip)  # the skipped step changed nothing
     records = [r for r in read_log(run.logging.log_json) if "eval" not in r]
