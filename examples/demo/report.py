@@ -164,7 +164,7 @@ Stage 3 mixture plan (upsampling; printed by the run before training):
 
 ## The exported model, with `transformers`
 
-- Greedy continuation of "{show['prompt']}": "{show['continuation']}"
+- Greedy continuation of "{show['prompt']}": `{show['continuation']!r}`
 - Fill-mask "{show['mask_sentence'].format(mask='<mask>')}" (the original word: {show['mask_word']}): {mask_top}
 
 ## Inference cost: new tokenizer vs source

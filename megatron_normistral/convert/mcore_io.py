@@ -25,7 +25,6 @@ import json
 import os
 import pickle
 import shutil
-import socket
 from pathlib import Path
 from typing import Iterable
 
@@ -33,6 +32,8 @@ import torch
 
 from megatron_normistral.convert.mistral import ConversionError
 from megatron_normistral.model.architectures import ArchConfig
+from megatron_normistral.model.sharding import unwrap_model
+from megatron_normistral.runtime.parallel import free_port
 
 MODEL_JSON = "normistral_model.json"
 MODEL_JSON_FORMAT = 1
@@ -86,18 +87,17 @@ def model_config_from_checkpoint(directory: str | os.PathLike, **model_config_fi
 
 
 # ---- from model chunks -------------------------------------------------------------------
-def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(module, "module") and not hasattr(module, "decoder"):
-        module = module.module
-    return module
 
 
 def model_sharded_state_dict(chunks: Iterable[torch.nn.Module]) -> dict:
     """The model part of a dist_checkpointing state dict, keyed as training checkpoints key it."""
-    chunks = [_unwrap(c) for c in chunks]
-    if len(chunks) == 1:
-        return {"model": chunks[0].sharded_state_dict()}
-    return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
+    chunks = [unwrap_model(c) for c in chunks]
+    return {key: chunk.sharded_state_dict() for key, chunk in zip(model_state_keys(len(chunks)), chunks)}
+
+
+def model_state_keys(num_chunks: int) -> list[str]:
+    """Top-level keys of the model part: 'model', or 'model0', 'model1', ... per virtual stage."""
+    return ["model"] if num_chunks == 1 else [f"model{i}" for i in range(num_chunks)]
 
 
 def save_model_checkpoint(chunks, directory: str | os.PathLike, model_config, **metadata_extra) -> None:
@@ -118,7 +118,7 @@ def save_model_checkpoint(chunks, directory: str | os.PathLike, model_config, **
         dist.barrier()
     dist_checkpointing.save(model_sharded_state_dict(chunks), str(directory))
     if rank == 0:
-        dtype = next(_unwrap(next(iter(chunks))).parameters()).dtype
+        dtype = next(unwrap_model(next(iter(chunks))).parameters()).dtype
         write_model_metadata(directory, _arch_of(model_config), dtype=str(dtype).removeprefix("torch."), **metadata_extra)
     if dist.is_initialized():
         dist.barrier()
@@ -138,15 +138,15 @@ def load_model_checkpoint(chunks, directory: str | os.PathLike) -> None:
         arch, _ = read_model_metadata(directory)
         _check_chunks_match(chunks, arch)
     state = dist_checkpointing.load(model_sharded_state_dict(chunks), str(directory))
-    chunks = [_unwrap(c) for c in chunks]
-    keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
+    chunks = [unwrap_model(c) for c in chunks]
+    keys = model_state_keys(len(chunks))
     for chunk, key in zip(chunks, keys):
         chunk.load_state_dict(state[key], strict=True)
 
 
 def _check_chunks_match(chunks, arch: ArchConfig) -> None:
-    cfg = _unwrap(next(iter(chunks))).config
-    vocab = _unwrap(next(iter(chunks))).vocab_size
+    cfg = unwrap_model(next(iter(chunks))).config
+    vocab = unwrap_model(next(iter(chunks))).vocab_size
     ours = dict(num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_attention_heads,
                 num_query_groups=cfg.num_query_groups, head_dim=cfg.kv_channels, ffn_hidden_size=cfg.ffn_hidden_size,
                 vocab_size=vocab)
@@ -209,10 +209,6 @@ def sharded_entries(tensors: dict[str, torch.Tensor], num_layers: int) -> dict:
     return entries
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager
@@ -229,7 +225,7 @@ def single_process_world():
 
     names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
     saved = {k: os.environ.get(k) for k in names}
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     try:
         parallel.init_distributed()
         yield

@@ -71,7 +71,7 @@ def load_full_state_dict(chunks: Iterable[torch.nn.Module], full: dict[str, torc
     """Copy this process's shards of ``full`` into the chunks' parameters (in place)."""
     tp_rank, tp_size = _tp_rank_size()
     for chunk in chunks:
-        chunk = _unwrap(chunk)
+        chunk = unwrap_model(chunk)
         for local, param in chunk.named_parameters():
             name = global_name(chunk, local)
             if name not in full:
@@ -98,7 +98,7 @@ def gather_full_state_dict(chunks: Iterable[torch.nn.Module]) -> dict[str, torch
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     local: dict[str, torch.Tensor] = {}
     for chunk in chunks:
-        chunk = _unwrap(chunk)
+        chunk = unwrap_model(chunk)
         for name, param in chunk.named_parameters():
             data = param.detach().float().contiguous()
             if tp_size > 1 and getattr(param, "tensor_model_parallel", False):
@@ -116,7 +116,7 @@ def gather_full_state_dict(chunks: Iterable[torch.nn.Module]) -> dict[str, torch
     return full
 
 
-def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
+def unwrap_model(module: torch.nn.Module) -> torch.nn.Module:
     """The GPTModel inside DDP / Float16Module wrappers."""
     while hasattr(module, "module") and not hasattr(module, "decoder"):
         module = module.module

@@ -69,6 +69,15 @@ class ParallelConfig:
         return world_size // (self.tensor_model_parallel_size * self.pipeline_model_parallel_size)
 
 
+def free_port() -> int:
+    """A free TCP port on the loopback interface (single-machine process groups)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def device() -> torch.device:
     """The device this process computes on: its local GPU, or the CPU."""
     if torch.cuda.is_available():

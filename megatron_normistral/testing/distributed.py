@@ -12,22 +12,19 @@ from __future__ import annotations
 
 import os
 import pickle
-import socket
 import tempfile
 import traceback
 from pathlib import Path
 
 import torch.multiprocessing as mp
 
+from megatron_normistral.runtime.parallel import free_port
+
 
 class DistributedTestError(RuntimeError):
     pass
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _entry(rank: int, world_size: int, port: int, result_dir: str, threads: int, cpu_compat_skip, fn, args, kwargs) -> None:
@@ -73,7 +70,7 @@ def run_distributed(
     threads = threads or max(1, (os.cpu_count() or 1) // world_size)
     with tempfile.TemporaryDirectory(prefix="normistral-dist-") as result_dir:
         ctx = mp.get_context("spawn")
-        port = _free_port()
+        port = free_port()
         procs = [
             ctx.Process(target=_entry, args=(r, world_size, port, result_dir, threads, tuple(cpu_compat_skip), fn, args, kwargs or {}), daemon=False)
             for r in range(world_size)

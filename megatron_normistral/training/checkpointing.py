@@ -28,7 +28,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_normistral.convert.mcore_io import model_sharded_state_dict, write_model_metadata
+from megatron_normistral.convert.mcore_io import model_sharded_state_dict, model_state_keys, write_model_metadata
+from megatron_normistral.model.sharding import unwrap_model
 
 LATEST = "latest"
 
@@ -122,11 +123,9 @@ def load_checkpoint(path: str | os.PathLike, chunks, optimizer, load_optimizer: 
     if load_optimizer:
         request["optimizer"] = _optimizer_sharded_state_dict(optimizer, model_sd, is_loading=True)
     loaded = dist_checkpointing.load(request, str(path))
-    from megatron_normistral.model.sharding import _unwrap
-
-    keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
+    keys = model_state_keys(len(chunks))
     for chunk, key in zip(chunks, keys):
-        _unwrap(chunk).load_state_dict(loaded[key], strict=True)
+        unwrap_model(chunk).load_state_dict(loaded[key], strict=True)
     if load_optimizer:
         with torch.no_grad():
             optimizer.load_state_dict(loaded["optimizer"])

@@ -66,10 +66,10 @@ def build_model_and_optimizer(recipe: Recipe, trainable: str):
 def switch_to_full(recipe: Recipe, chunks):
     """Stage 2 -> 3 in one run: unfreeze, re-wrap, new optimizer (transformer weights get
     fresh Adam moments; the embeddings' moments start over too, as in a new stage)."""
-    from megatron_normistral.model.sharding import _unwrap
+    from megatron_normistral.model.sharding import unwrap_model
     from megatron_normistral.training.setup import build_optimizer, wrap_model
 
-    bare = [_unwrap(c) for c in chunks]
+    bare = [unwrap_model(c) for c in chunks]
     set_trainable(bare, "full")
     chunks = wrap_model(bare, recipe.parallel, recipe.precision)
     chunks[0].config.calculate_per_token_loss = recipe.training.loss_weighting == "token"

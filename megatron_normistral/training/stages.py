@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from megatron_normistral.model.sharding import _unwrap
+from megatron_normistral.model.sharding import unwrap_model
 
 # Parameter names (as megatron-core's GPTModel names them) that train in stage 2.
 EMBEDDING_PARAMETERS = ("embedding.word_embeddings.weight", "output_layer.weight")
@@ -16,7 +16,7 @@ def set_trainable(chunks, trainable: Literal["embeddings", "full"]) -> int:
     weights get no gradient buffer, no optimizer state and no update."""
     count = 0
     for chunk in chunks:
-        for name, param in _unwrap(chunk).named_parameters():
+        for name, param in unwrap_model(chunk).named_parameters():
             param.requires_grad = trainable == "full" or name in EMBEDDING_PARAMETERS
             count += param.numel() if param.requires_grad else 0
     return count
