@@ -52,6 +52,10 @@ class HFCheckpointReader:
     def names(self) -> list[str]:
         return list(self._file_of)
 
+    def file_of(self, name: str) -> str:
+        """The weight file (relative to the folder) that holds ``name``."""
+        return self._file_of[name]
+
     def shape(self, name: str) -> tuple[int, ...]:
         """Shape from the file header (no tensor data is read)."""
         with safe_open(self.directory / self._file_of[name], framework="pt") as f:

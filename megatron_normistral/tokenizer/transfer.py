@@ -18,7 +18,6 @@ at a time (peak memory: about one embedding matrix).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import struct
 import sys
@@ -26,8 +25,8 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
+from megatron_normistral.convert.safetensors_io import CheckpointIOError, HFCheckpointReader
 from megatron_normistral.tokenizer.wrappers import Tokenizer, TokenizerSpecError, load_tokenizer
 
 INIT_METHODS = ("mean", "random", "first")
@@ -60,12 +59,6 @@ TOKENIZER_FILES = (
 EMBED_SUFFIX = "embed_tokens.weight"
 HEAD_NAME = "lm_head.weight"
 COPY_CHUNK = 8 << 20  # bytes read at a time when copying a tensor
-
-DTYPES = {  # safetensors dtype name -> (torch dtype name, bytes per element)
-    "F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2),
-    "I64": ("int64", 8), "I32": ("int32", 4), "I16": ("int16", 2), "I8": ("int8", 1), "U8": ("uint8", 1),
-    "BOOL": ("bool", 1),
-}
 
 
 class TransferError(ValueError):
@@ -267,20 +260,6 @@ def read_safetensors_header(path: Path) -> tuple[dict, int]:
     return header, 8 + n
 
 
-def _load_tensor(path: Path, header: dict, base: int, name: str):
-    import numpy as np
-    import torch
-
-    info = header[name]
-    tdtype, size = DTYPES[info["dtype"]]
-    a, b = info["data_offsets"]
-    with open(path, "rb") as f:
-        f.seek(base + a)
-        buf = bytearray(f.read(b - a))
-    t = torch.frombuffer(buf, dtype=torch.uint8) if buf else torch.empty(0, dtype=torch.uint8)
-    return t.view(getattr(torch, tdtype)).reshape(info["shape"])
-
-
 def _tensor_bytes(t) -> memoryview:
     import torch
 
@@ -332,23 +311,10 @@ def _write_shard(src: Path, dst: Path, replace: dict[str, object], verbose: bool
     return offset, copied
 
 
-def _weight_files(source: Path) -> tuple[list[str], dict | None]:
-    index = source / "model.safetensors.index.json"
-    if index.exists():
-        idx = json.loads(index.read_text())
-        files = sorted(set(idx["weight_map"].values()))
-        return files, idx
-    if (source / "model.safetensors").exists():
-        return ["model.safetensors"], None
-    raise TransferError(f"{source}: no model.safetensors or model.safetensors.index.json (only safetensors checkpoints are read)")
-
-
 def transfer_embeddings(cfg: TransferConfig) -> TransferReport:
     """Write ``cfg.output``: the source checkpoint with ``embed_tokens`` and ``lm_head`` resized
     to the target vocabulary, config updated (vocab size, special ids), target tokenizer files
     copied in, and ``transfer_report.json``."""
-    import torch
-
     t0 = time.time()
     if cfg.init not in INIT_METHODS:
         raise TransferError(f"--init must be one of {INIT_METHODS}, got {cfg.init!r}")
@@ -363,7 +329,13 @@ def transfer_embeddings(cfg: TransferConfig) -> TransferReport:
     tgt_path = Path(cfg.target_tokenizer)
     if not tgt_path.is_dir():
         raise TransferError(f"--target-tokenizer {tgt_path}: expected a tokenizer folder")
-    files, index = _weight_files(src_dir)
+    try:
+        reader = HFCheckpointReader(src_dir)
+    except CheckpointIOError:
+        raise TransferError(f"{src_dir}: no model.safetensors or model.safetensors.index.json (only safetensors checkpoints are read)") from None
+    files = sorted({reader.file_of(name) for name in reader.names()})
+    index_file = src_dir / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text()) if index_file.exists() else None
     try:
         source_tok = load_tokenizer(cfg.source_tokenizer)
         target_tok = load_tokenizer(tgt_path)
@@ -371,17 +343,12 @@ def transfer_embeddings(cfg: TransferConfig) -> TransferReport:
         raise TransferError(str(e)) from None
 
     # find the embedding and head tensors
-    where: dict[str, tuple[str, dict, int]] = {}
-    for fname in files:
-        header, base = read_safetensors_header(src_dir / fname)
-        for k in header:
-            if k.endswith(EMBED_SUFFIX) or k == HEAD_NAME:
-                where[k] = (fname, header, base)
-    embed_names = [k for k in where if k.endswith(EMBED_SUFFIX)]
+    embed_names = [k for k in reader.names() if k.endswith(EMBED_SUFFIX)]
     if len(embed_names) != 1:
         raise TransferError(f"{src_dir}: expected one *{EMBED_SUFFIX} tensor, found {embed_names}")
     embed_name = embed_names[0]
-    n_src, hidden = where[embed_name][1][embed_name]["shape"]
+    has_head = HEAD_NAME in reader.names()
+    n_src, hidden = reader.shape(embed_name)
     _log(cfg.verbose, f"source {src_dir}: {len(files)} weight file(s), embedding {n_src} x {hidden}")
 
     _log(cfg.verbose, f"planning {target_tok.vocab_size} target rows from {source_tok.name} pieces ...")
@@ -389,9 +356,9 @@ def transfer_embeddings(cfg: TransferConfig) -> TransferReport:
     out.mkdir(parents=True, exist_ok=True)
 
     replace_by_file: dict[str, dict[str, object]] = {}
-    for k in [embed_name] + ([HEAD_NAME] if HEAD_NAME in where else []):
-        fname, header, base = where[k]
-        mat = _load_tensor(src_dir / fname, header, base, k)
+    for k in [embed_name] + ([HEAD_NAME] if has_head else []):
+        fname = reader.file_of(k)
+        mat = reader.read(k)
         if list(mat.shape) != [n_src, hidden]:
             raise TransferError(f"{k}: shape {list(mat.shape)}, expected {[n_src, hidden]}")
         if k == embed_name:

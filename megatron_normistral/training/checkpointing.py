@@ -48,6 +48,10 @@ def checkpoint_name(step: int) -> str:
     return f"iter_{step:07d}"
 
 
+def read_train_state(path: str | os.PathLike) -> TrainState:
+    return TrainState(**json.loads((Path(path) / "train_state.json").read_text()))
+
+
 def latest_checkpoint(root: str | os.PathLike) -> Path | None:
     root = Path(root)
     pointer = root / LATEST
@@ -117,7 +121,7 @@ def load_checkpoint(path: str | os.PathLike, chunks, optimizer, load_optimizer: 
     from megatron.core import dist_checkpointing
 
     path = Path(path)
-    state = TrainState(**json.loads((path / "train_state.json").read_text()))
+    state = read_train_state(path)
     model_sd = model_sharded_state_dict(chunks)
     request = dict(model_sd)
     if load_optimizer:

@@ -7,16 +7,14 @@ both tokenizers are charged for the same text.
 """
 from __future__ import annotations
 
-import gzip
-import json
 from dataclasses import dataclass, replace
 from functools import partial
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from megatron_normistral.data.objective import ObjectiveConfig, build_batch
+from megatron_normistral.tokenizer.corpus import iter_documents, split_paragraphs
 from megatron_normistral.runtime.parallel import device
 from megatron_normistral.training.batches import to_device
 
@@ -29,23 +27,14 @@ class EvalData:
     tokens: int
 
 
-def read_jsonl_texts(path: str | Path) -> list[str]:
-    opener = gzip.open if str(path).endswith(".gz") else open
-    texts = []
-    with opener(path, "rt", encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                texts.append(json.loads(line)["text"])
-    return texts
-
-
 def prepare_eval_data(language: str, path: str, tokenizer, seq_length: int, max_tokens: int) -> EvalData:
     """Pack paragraphs (tokens + EOD) into non-overlapping windows of seq_length + 1 and count
     the words of exactly the text that was packed. Paragraphs (not whole documents) are the
     unit so that a token budget smaller than one long document still yields whole units."""
     stream: list[int] = []
     words = 0
-    paragraphs = (p for text in read_jsonl_texts(path) for p in text.split("\n\n") if p.strip())
+    # Paragraphs as fertility counts them (tools/fertility.py), with file:line errors.
+    paragraphs = (p for text in iter_documents(path) for p in split_paragraphs(text))
     for paragraph in paragraphs:
         ids = tokenizer.encode(paragraph)
         room = max_tokens - len(stream) - 1
@@ -127,14 +116,14 @@ def evaluate(chunks, data: list[EvalData], objective: ObjectiveConfig, ids, seq_
             mbs = micro_batch_size if usable >= micro_batch_size else 1
             metrics = {}
             for mode, fraction in (("causal", 0.0), ("masked", 1.0)):
+                if mode == "masked" and ids.mask_id is None:
+                    continue  # no <mask> token: no masked-token accuracy
                 cfg = replace(objective, masked_fraction=fraction)
                 batches = []
                 for start in range(0, usable - usable % mbs, mbs):
                     idx = list(range(start, start + mbs))
                     batches.append(to_device(build_batch([windows[i] for i in idx], idx, cfg, eod_id=ids.eod_id,
                                                          mask_id=ids.mask_id if ids.mask_id is not None else 0, vocab_size=ids.vocab_size)))
-                if mode == "masked" and ids.mask_id is None:
-                    continue
                 with torch.no_grad():
                     reports = forward_backward(
                         forward_step_func=partial(_forward, mode == "causal"),

@@ -2,22 +2,22 @@
 from __future__ import annotations
 
 import math
+import os
 import signal
 import time
-from dataclasses import replace
 from functools import partial
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from megatron_normistral.config.recipe import Recipe, RecipeError, validate_recipe
+from megatron_normistral.config.recipe import Recipe, validate_recipe
 from megatron_normistral.runtime import parallel as rt
 from megatron_normistral.training import checkpointing as ckpt
-from megatron_normistral.training.batches import BatchSource, SpecialIds, objective_forward_step
+from megatron_normistral.training.batches import objective_forward_step
 from megatron_normistral.training.metrics import LossTotals, MetricsLogger, memory_gb, print_rank0, reduce_losses
 from megatron_normistral.training.schedule import apply_learning_rate, learning_rate
 from megatron_normistral.training.stages import set_trainable
+from megatron_normistral.training.step import train_step
 
 
 class TrainingStopped(RuntimeError):
@@ -76,9 +76,9 @@ def switch_to_full(recipe: Recipe, chunks):
     return chunks, build_optimizer(chunks, recipe.optimizer, recipe.parallel, recipe.precision)
 
 
-def nonfinite_anywhere(chunks, totals: LossTotals) -> bool:
+def nonfinite_anywhere(chunks, reports: list[dict]) -> bool:
     """Any NaN/inf in this step's loss or gradients on any rank (checked before the update)."""
-    local = not math.isfinite(totals.causal_sum + totals.masked_sum)
+    local = not all(math.isfinite(float(r["causal_sum"]) + float(r["masked_sum"])) for r in reports)
     for chunk in chunks:
         for buffer in chunk.buffers:
             local = local or not bool(torch.isfinite(buffer.grad_data).all())
@@ -86,12 +86,9 @@ def nonfinite_anywhere(chunks, totals: LossTotals) -> bool:
 
 
 def pretrain(recipe: Recipe) -> ckpt.TrainState:
-    from megatron.core import parallel_state
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
     from megatron_normistral.training.data_setup import build_data
 
-    world = int(__import__("os").environ.get("WORLD_SIZE", "1"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     validate_recipe(recipe, world)  # before any process group work
     rt.init_distributed()
     rt.init_model_parallel(recipe.parallel)
@@ -102,7 +99,7 @@ def pretrain(recipe: Recipe) -> ckpt.TrainState:
     state = ckpt.TrainState(trainable=recipe.stage.trainable)
     resume = ckpt.latest_checkpoint(recipe.checkpoint.load) if recipe.checkpoint.load else None
     if resume:
-        state = ckpt.TrainState(**__import__("json").loads((resume / "train_state.json").read_text()))
+        state = ckpt.read_train_state(resume)  # the stage decides what the model trains
     chunks, optimizer = build_model_and_optimizer(recipe, state.trainable)
     if resume:
         state = ckpt.load_checkpoint(resume, chunks, optimizer)
@@ -119,7 +116,6 @@ def pretrain(recipe: Recipe) -> ckpt.TrainState:
     stop = StopRequest(recipe.checkpoint.exit_signals, recipe.checkpoint.exit_duration_in_mins)
     tokens_per_step = t.global_batch_size * t.seq_length
     flops_per_step = arch.training_flops_per_token(t.seq_length) * tokens_per_step
-    forward_backward = get_forward_backward_func()
 
     def save():
         if recipe.checkpoint.save:
@@ -134,25 +130,21 @@ def pretrain(recipe: Recipe) -> ckpt.TrainState:
         started = time.perf_counter()
         lr = learning_rate(state.step, recipe.optimizer.lr, recipe.optimizer.min_lr, recipe.schedule, t.train_iters)
         apply_learning_rate(optimizer, lr, recipe.optimizer.weight_decay)
-        for chunk in chunks:
-            chunk.zero_grad_buffer()
-        optimizer.zero_grad()
         micro_batches = data.train.micro_batches(state.consumed_samples)
-        reports = forward_backward(
+        result = train_step(
+            chunks, optimizer, [iter(micro_batches) for _ in chunks], len(micro_batches), t.seq_length, t.micro_batch_size,
             forward_step_func=partial(objective_forward_step, state.step in t.inject_nonfinite_steps),
-            data_iterator=[iter(micro_batches) for _ in chunks] if len(chunks) > 1 else iter(micro_batches),
-            model=chunks, num_microbatches=len(micro_batches), seq_length=t.seq_length,
-            micro_batch_size=t.micro_batch_size, forward_only=False,
+            skip_update=partial(nonfinite_anywhere, chunks),
         )
-        totals = LossTotals()
-        for report in reports or []:
-            totals.add(report)
-        if nonfinite_anywhere(chunks, totals):
-            grad_norm, state.skipped_steps, state.nonfinite_in_row = None, state.skipped_steps + 1, state.nonfinite_in_row + 1
-            print_rank0(f"step {state.step}: non-finite loss or gradients, update skipped ({state.nonfinite_in_row} in a row)")
-        else:
-            _, grad_norm, _ = optimizer.step()
+        grad_norm = result.grad_norm
+        if result.updated:
             state.nonfinite_in_row = 0
+        else:
+            state.skipped_steps, state.nonfinite_in_row = state.skipped_steps + 1, state.nonfinite_in_row + 1
+            print_rank0(f"step {state.step}: non-finite loss or gradients, update skipped ({state.nonfinite_in_row} in a row)")
+        totals = LossTotals()
+        for report in result.reports:
+            totals.add(report)
         state.step += 1
         state.consumed_samples += t.global_batch_size
         elapsed = time.perf_counter() - started

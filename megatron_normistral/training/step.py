@@ -44,7 +44,10 @@ def train_step(
     seq_length: int,
     micro_batch_size: int,
     forward_step_func: Callable = lm_forward_step,
+    skip_update: Callable[[list[dict]], bool] | None = None,
 ) -> StepResult:
+    """``skip_update(reports)``, if given, runs after the backward pass and before the
+    update; when it returns True the optimizer is not stepped (grads are discarded)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     for chunk in chunks:
@@ -60,5 +63,8 @@ def train_step(
         micro_batch_size=micro_batch_size,
         forward_only=False,
     )
+    reports = list(reports or [])
+    if skip_update is not None and skip_update(reports):
+        return StepResult(updated=False, grad_norm=None, reports=reports)
     updated, grad_norm, _ = optimizer.step()
-    return StepResult(updated=bool(updated), grad_norm=None if grad_norm is None else float(grad_norm), reports=list(reports or []))
+    return StepResult(updated=bool(updated), grad_norm=None if grad_norm is None else float(grad_norm), reports=reports)
