@@ -45,6 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="C++ writer (default) or the pure-Python reference writer (byte-identical, slower)")
     p.add_argument("--max-reported", type=int, default=d.max_reported,
                    help="bad lines reported with file:line; the rest are only counted (default %(default)s)")
+    p.add_argument("--no-segment-cache", action="store_true",
+                   help="call the tokenizer on every document instead of reusing the encodings of repeated "
+                        "space-separated segments (the cache is used only where it gives identical tokens: "
+                        "SentencePiece and byte-level BPE tokenizers that pass the checks in "
+                        "megatron_normistral/tokenizer/segment_cache.py; Tekken is never cached)")
     p.add_argument("--progress-interval", type=float, default=d.progress_interval,
                    help="seconds between progress lines on stderr, 0 for none (default %(default)s)")
     return p
@@ -59,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         inputs=args.input, output_prefix=args.output_prefix, tokenizer=args.tokenizer, workers=args.workers,
         json_key=args.json_key, append_eod=args.append_eod, split_sentences=args.split_sentences,
         strict=args.strict, shards=args.shards, chunk_bytes=max(1, int(args.chunk_mb * 2**20)),
-        backend=args.writer, max_reported=args.max_reported, progress_interval=args.progress_interval)
+        backend=args.writer, max_reported=args.max_reported, progress_interval=args.progress_interval,
+        segment_cache=not args.no_segment_cache)
     try:
         preprocess(cfg)
     except (BadInputError, FileNotFoundError) as e:

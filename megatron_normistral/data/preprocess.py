@@ -5,6 +5,10 @@ Streaming pipeline: the main process reads each input (plain or ``.gz``) in bloc
 ``2 * workers`` blocks in flight, so memory is bounded by workers x chunk, not by corpus size.
 Workers decode, parse, validate, tokenise and pack each block into one array of the output
 dtype (C++ ``pack_token_lists``); the main process writes the results in input order.
+Where it gives identical tokens (SentencePiece and byte-level BPE, checked from the tokenizer's
+files), workers
+encode through :class:`~megatron_normistral.tokenizer.segment_cache.SegmentCachedEncoder`,
+which reuses the encodings of repeated segments instead of calling the tokenizer on them.
 
 Bad lines (invalid UTF-8, malformed JSON, not an object, missing or non-string key, empty
 document) are skipped and counted; the first ``max_reported`` are reported with file:line,
@@ -34,6 +38,7 @@ import numpy as np
 
 from megatron_normistral import _helpers  # built at install time; no pure-Python fallback on purpose
 from megatron_normistral.data.indexed import DTYPE_CODES, IndexedDatasetWriter, token_dtype_for
+from megatron_normistral.tokenizer.segment_cache import SegmentCachedEncoder, segmenter_for
 
 
 class BadInputError(ValueError):
@@ -55,6 +60,7 @@ class PreprocessConfig:
     backend: str = "cpp"              # writer: 'cpp' or the pure-Python reference 'python'
     max_reported: int = 20            # bad lines reported in full; the rest are only counted
     progress_interval: float = 2.0    # seconds between progress lines on stderr; <= 0: none
+    segment_cache: bool = True        # reuse encodings of repeated segments where exact (tokenizer.segment_cache)
 
 
 @dataclass
@@ -72,6 +78,9 @@ class PreprocessResult:
     files: list[FileStats]
     skipped_by_reason: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    segment_cache: str = "off"        # "on", or why it is off
+    segment_hits: int = 0
+    segment_misses: int = 0
 
     @property
     def documents(self) -> int:
@@ -138,9 +147,10 @@ def iter_blocks(path: str, chunk_bytes: int) -> Iterator[tuple[int, bytes]]:
 _W: dict = {}  # per-process state: tokenizer, config, dtype code, sentence splitter
 
 
-def _setup_worker(tokenizer, cfg: PreprocessConfig, dtype_code: int) -> None:
+def _setup_worker(tokenizer, cfg: PreprocessConfig, dtype_code: int, use_cache: bool) -> None:
     _W.clear()
     _W.update(tok=tokenizer, cfg=cfg, code=dtype_code, eod=tokenizer.eod_id if cfg.append_eod else None)
+    _W["cached"] = SegmentCachedEncoder(tokenizer) if use_cache else None
     if cfg.split_sentences:
         from nltk.tokenize.punkt import PunktSentenceTokenizer
 
@@ -198,7 +208,8 @@ _MISSING = object()
 
 
 def _process_block(item: tuple[int, int, bytes]):
-    """Returns (block number, tokens array, seq lengths, doc seq counts | None, docs, bad)."""
+    """Returns (block number, tokens array, seq lengths, doc seq counts | None, docs, bad,
+    (segment cache hits, misses))."""
     block_no, first_line, block = item
     cfg: PreprocessConfig = _W["cfg"]
     tok, eod, code = _W["tok"], _W["eod"], _W["code"]
@@ -206,7 +217,9 @@ def _process_block(item: tuple[int, int, bytes]):
     # One document at a time, not encode_batch: batch encoders (SentencePiece, HF) start their
     # own thread pools, which oversubscribes the cores the worker processes already use (and
     # measured slower here); parallelism comes from the workers.
-    encode = tok.encode
+    cached = _W["cached"]
+    hits0, misses0 = (cached.hits, cached.misses) if cached is not None else (0, 0)
+    encode = cached.encode if cached is not None else tok.encode
     counts = None
     if cfg.split_sentences:
         splitter = _W["splitter"]
@@ -248,7 +261,9 @@ def _process_block(item: tuple[int, int, bytes]):
         lengths = np.array([len(x) for x in seqs], dtype=np.int64)
         tokens = np.array([t for x in seqs for t in x], dtype=dt)
     bad.sort()
-    return block_no, tokens, lengths, (np.array(counts, dtype=np.int64) if counts is not None else None), len(lines), bad
+    segments = (cached.hits - hits0, cached.misses - misses0) if cached is not None else (0, 0)
+    counts_array = np.array(counts, dtype=np.int64) if counts is not None else None
+    return block_no, tokens, lengths, counts_array, len(lines), bad, segments
 
 
 # --- main side ------------------------------------------------------------------------------
@@ -292,6 +307,11 @@ def preprocess(cfg: PreprocessConfig, tokenizer=None, log=sys.stderr) -> Preproc
         _ = tok.eod_id  # fail early if the tokenizer has no EOD
     dtype = token_dtype_for(tok.vocab_size)
     code = DTYPE_CODES[dtype]
+    pattern, why = segmenter_for(tok) if cfg.segment_cache else (None, "turned off")
+    cache_off_reason = None if pattern is not None else why
+    print(f"[preprocess] segment cache: {'on (' + why + ')' if pattern is not None else 'off (' + why + ')'}",
+          file=log)
+    hits = misses = 0
     stats = [FileStats(p) for p in files]
     reasons: collections.Counter = collections.Counter()
     reported = 0
@@ -312,7 +332,7 @@ def preprocess(cfg: PreprocessConfig, tokenizer=None, log=sys.stderr) -> Preproc
     try:
         for p in outputs:  # one by one, so a failure still aborts the ones already opened
             writers.append(IndexedDatasetWriter(p, dtype, backend=cfg.backend))
-        _setup_worker(tok, cfg, code)
+        _setup_worker(tok, cfg, code, use_cache=cache_off_reason is None)
         if cfg.workers <= 0:
             results = map(_process_block, items())
         else:
@@ -320,8 +340,10 @@ def preprocess(cfg: PreprocessConfig, tokenizer=None, log=sys.stderr) -> Preproc
             pool = multiprocessing.get_context("fork").Pool(cfg.workers)
             results = _ordered_bounded(pool, _process_block, items(), 2 * cfg.workers)
         docs_total = tokens_total = bytes_total = 0
-        for block_no, tokens, lengths, counts, ndocs, bad in results:
+        for block_no, tokens, lengths, counts, ndocs, bad, (block_hits, block_misses) in results:
             fi, nbytes = meta.pop(block_no)
+            hits += block_hits
+            misses += block_misses
             st = stats[fi]
             if bad:
                 if cfg.strict:
@@ -358,7 +380,8 @@ def preprocess(cfg: PreprocessConfig, tokenizer=None, log=sys.stderr) -> Preproc
         raise
     finally:
         _W.clear()
-    result = PreprocessResult(outputs, stats, dict(reasons), time.perf_counter() - t0)
+    result = PreprocessResult(outputs, stats, dict(reasons), time.perf_counter() - t0,
+                              "on" if cache_off_reason is None else cache_off_reason, hits, misses)
     progress.maybe(result.documents, result.bytes, result.tokens, force=True)
     print_summary(result, log)
     return result
@@ -373,6 +396,10 @@ def print_summary(result: PreprocessResult, stream=sys.stderr) -> None:
           f"{result.bytes:>13,}", file=stream)
     if result.skipped_by_reason:
         print("skipped by reason: " + ", ".join(f"{k}: {v}" for k, v in sorted(result.skipped_by_reason.items())),
+              file=stream)
+    if result.segment_hits or result.segment_misses:
+        lookups = result.segment_hits + result.segment_misses
+        print(f"segment cache: {lookups:,} segments, {result.segment_hits / lookups:.1%} found in the cache",
               file=stream)
     dt = max(result.seconds, 1e-9)
     print(f"{result.seconds:.2f} s: {result.tokens / dt / 1e6:.3f}M tokens/s, {result.documents / dt:,.0f} docs/s, "

@@ -186,13 +186,19 @@ class SentencePieceTokenizer(Tokenizer):
             return bytes([int(piece[3:5], 16)])
         return piece.replace(_SP_SPACE, " ").encode("utf-8")
 
+    def model_proto(self):
+        """The model file parsed (a fresh ``sentencepiece_model_pb2.ModelProto`` each call)."""
+        from sentencepiece import sentencepiece_model_pb2 as pb
+
+        proto = pb.ModelProto()
+        proto.ParseFromString(self.path.read_bytes())
+        return proto
+
     def encode_surface(self, data: bytes) -> list[int]:
         if not hasattr(self, "_sp_raw"):  # same model without dummy prefix / whitespace cleanup
             import sentencepiece as spm
-            from sentencepiece import sentencepiece_model_pb2 as pb
 
-            proto = pb.ModelProto()
-            proto.ParseFromString(self.path.read_bytes())
+            proto = self.model_proto()
             proto.normalizer_spec.add_dummy_prefix = False
             proto.normalizer_spec.remove_extra_whitespaces = False
             self._sp_raw = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())

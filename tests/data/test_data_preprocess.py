@@ -62,6 +62,22 @@ def test_tokens_equal_tokenizer_encoding(tmp_path, small_inputs, spm_model, toke
     assert [f.documents for f in res.files] == [12, 12, 12] and res.tokens == sum(map(len, expect))
     out = log.getvalue()
     assert "b_se.jsonl.gz" in out and "total" in out and "tokens/s" in out  # summary per file
+    assert res.segment_cache == "on" and res.segment_hits > 0 and "found in the cache" in out
+
+
+def test_segment_cache_output_byte_identical(tmp_path, small_inputs, spm_model):
+    """The default (segment cache on for this BPE model) writes exactly what plain encoding does."""
+    d, _ = small_inputs
+    logs, results = {}, {}
+    for cached in (True, False):
+        logs[cached] = io.StringIO()
+        results[cached] = preprocess(_cfg([str(d / "*")], tmp_path / str(cached), spm_model, workers=2,
+                                          append_eod=True, segment_cache=cached, chunk_bytes=10_000), log=logs[cached])
+    assert results[True].segment_hits > 0 and results[False].segment_hits == results[False].segment_misses == 0
+    for ext in (".bin", ".idx"):
+        assert (tmp_path / f"True{ext}").read_bytes() == (tmp_path / f"False{ext}").read_bytes()
+    assert "segment cache: on" in logs[True].getvalue()
+    assert "segment cache: off (turned off)" in logs[False].getvalue()
 
 
 def test_python_writer_pipeline_byte_identical(tmp_path, small_inputs, spm_model):
@@ -206,7 +222,7 @@ def test_cli_help_explains_every_flag():
     assert p.returncode == 0
     for flag in ("--input", "--output-prefix", "--tokenizer", "--workers", "--json-key", "--append-eod",
                  "--split-sentences", "--strict", "--shards", "--chunk-mb", "--writer", "--max-reported",
-                 "--progress-interval"):
+                 "--no-segment-cache", "--progress-interval"):
         assert flag in p.stdout
 
 
