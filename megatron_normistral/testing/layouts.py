@@ -115,3 +115,48 @@ def train_layout(rank: int, world_size: int, run: LayoutRun) -> dict:
         grad_norms.append(result.grad_norm)
     weights = gather_full_state_dict(chunks)
     return {"losses": losses, "grad_norms": grad_norms, "weights": weights if rank == 0 else None}
+
+
+def _per_token_losses(model, batch: dict) -> torch.Tensor:
+    return model(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"]).float()
+
+
+def step_gradients(rank: int, world_size: int, run: LayoutRun, loss_weighting: str) -> dict:
+    """Worker: the gradients megatron-core leaves for one global batch (schedule, DDP
+    reduction, per-token scaling; no update), under ``loss_weighting`` 'micro_batch' (each
+    micro-batch's mean, averaged) or 'token' (one mean over every counted token), next to
+    plain-autograd gradients of that loss over the whole batch (rank 0; data parallel only)."""
+    from megatron.core import parallel_state
+
+    if run.parallel.tensor_model_parallel_size > 1 or run.parallel.pipeline_model_parallel_size > 1:
+        raise ValueError("step_gradients compares full gradients: data parallelism only")
+    init_model_parallel(run.parallel)
+    set_seed(run.seed)
+    vocab = run.model.architecture().vocab_size
+    batches = synthetic_batches(run, vocab, step=0)
+
+    reference = None
+    if rank == 0:
+        bare = build_model(run.model, run.parallel, run.precision, max_sequence_length=run.seq_length)[0]
+        load_full_state_dict([bare], reference_weights([bare], run.seed, 1))
+        sums = [(_per_token_losses(bare, b) * b["loss_mask"]).sum() for b in batches]
+        counts = [b["loss_mask"].sum() for b in batches]
+        if loss_weighting == "token":
+            loss = torch.stack(sums).sum() / torch.stack(counts).sum()
+        else:
+            loss = torch.stack([s / c for s, c in zip(sums, counts)]).mean()
+        loss.backward()
+        reference = {name: p.grad.clone() for name, p in bare.named_parameters()}
+
+    chunks = build_model(run.model, run.parallel, run.precision, max_sequence_length=run.seq_length)
+    load_full_state_dict(chunks, reference_weights(chunks, run.seed, 1))
+    chunks[0].config.calculate_per_token_loss = loss_weighting == "token"
+    chunks = wrap_model(chunks, run.parallel, run.precision)
+    optimizer = build_optimizer(chunks, run.optimizer, run.parallel, run.precision)
+    dp_size, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+    per_rank = len(batches) // dp_size
+    mine = batches[dp_rank * per_rank : (dp_rank + 1) * per_rank]
+    train_step(chunks, optimizer, [iter(mine)], per_rank, run.seq_length, run.micro_batch_size,
+               skip_update=lambda reports: True)
+    megatron = {name: p.main_grad.clone() for name, p in chunks[0].module.named_parameters()}
+    return {"megatron": megatron, "reference": reference}

@@ -120,16 +120,19 @@ class SegmentCachedEncoder:
     current one; when it holds ``max_entries`` it becomes the previous one and the older is
     dropped. A segment found in the previous generation moves back to the current one, so
     frequent words survive every turnover and one-off segments (most of the distinct ones)
-    fall out. At most ``2 * max_entries`` segments are held (about 55 MB at the default).
+    fall out. At most ``2 * max_entries`` segments are held (about 55 MB at the default), none
+    longer than ``max_chars`` (a long run without spaces, such as a base64 blob, is encoded
+    but not kept: it would rarely come again and could be large).
     """
 
-    def __init__(self, tokenizer, max_entries: int = 1 << 17):
+    def __init__(self, tokenizer, max_entries: int = 1 << 17, max_chars: int = 64):
         pattern, why = segmenter_for(tokenizer)
         if pattern is None:
             raise ValueError(f"segment cache is not exact for {tokenizer.name}: {why}")
         self.tokenizer = tokenizer
         self._split = pattern.split
         self.max_entries = max_entries
+        self.max_chars = max_chars
         self._current: dict[str, tuple[int, ...]] = {}
         self._previous: dict[str, tuple[int, ...]] = {}
         self.hits = self.misses = 0
@@ -150,6 +153,9 @@ class SegmentCachedEncoder:
                 if ids is None:
                     misses += 1
                     ids = tuple(self.tokenizer.encode(seg))
+                    if len(seg) > self.max_chars:
+                        extend(ids)
+                        continue
                 if len(current) >= self.max_entries:
                     self._previous, self._current = current, {}
                     current = self._current

@@ -87,11 +87,13 @@ def test_awkward_text_encodes_identically(accepted, kind):
 
 def test_cache_stays_bounded_and_exact(accepted, corpus_documents):
     tok = accepted["spm_bpe_nfkc"]
-    cached = SegmentCachedEncoder(tok, max_entries=50)
+    cached = SegmentCachedEncoder(tok, max_entries=50, max_chars=8)
     for text in corpus_documents[:200]:
         assert cached.encode(text) == tok.encode(text)
         assert len(cached) <= 100
     assert cached.hits > 0
+    kept = {**cached._current, **cached._previous}
+    assert kept and max(map(len, kept)) <= 8
 
 
 def _concatenated(tok, pattern, text):

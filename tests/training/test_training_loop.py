@@ -1,4 +1,5 @@
 """The training loop on the tiny model over gloo: stages, resume, signals, non-finite steps."""
+import math
 import os
 import signal
 import subprocess
@@ -95,6 +96,35 @@ def test_nonfinite_steps_are_skipped_then_stop(data, tmp_path):
     assert all(torch.equal(before_skip[k], after_skip[k]) for k in before_skip)  # the skipped step changed nothing
     records = [r for r in read_log(run.logging.log_json) if "eval" not in r]
     assert [r["skipped"] for r in records] == [0, 0, 1, 2]
+
+
+def test_wall_time_limit_saves_and_stops_with_tensorboard_events(data, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tiny_recipe(data, tmp_path / "wall", training={"train_iters": 50},
+                      checkpoint={"exit_duration_in_mins": 1e-6},  # passed by the end of the first step
+                      evaluation={"eval_interval": 1}, logging={"tensorboard_dir": str(tmp_path / "tb")})
+    result = run_distributed(run_pretrain, 1, args=(run,))
+    assert result["state"]["step"] == 1
+    assert (Path(run.checkpoint.save) / "latest").read_text().strip() == "iter_0000001"
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    scalars = events.Tags()["scalars"]
+    for tag in ("train/loss", "train/loss_causal", "train/lr", "train/grad_norm", "train/tokens_per_s"):
+        assert tag in scalars, scalars
+        assert [e.step for e in events.Scalars(tag)] == [1]
+    logged = [r for r in read_log(run.logging.log_json) if "eval" not in r][0]
+    assert events.Scalars("train/loss")[0].value == pytest.approx(logged["loss"], rel=1e-6)
+    assert {f"eval/{lang}/loss" for lang in data["heldout"]} <= set(scalars)
+
+
+def test_bf16_training_on_cpu(data, tmp_path):
+    run = tiny_recipe(data, tmp_path / "bf16", training={"train_iters": 6}, precision={"bf16": True},
+                      optimizer={"lr": 1e-2})
+    result = run_distributed(run_pretrain, 2, args=(run,))
+    assert result["stopped"] is None and result["state"]["step"] == 6
+    losses = train_losses(run.logging.log_json)
+    assert all(map(math.isfinite, losses)) and losses[-1] < losses[0] - 0.2, losses
 
 
 def _write_yaml(recipe, path):
