@@ -1,4 +1,4 @@
-"""From the mixture dataset to this rank's micro-batches, and the objective's loss function.
+"""From the mixture dataset to this rank's micro-batches.
 
 Sample ``g`` of the run is global: DP rank r of a step takes samples
 ``consumed + r * per_rank ... consumed + (r + 1) * per_rank - 1`` (per_rank = global batch /
@@ -8,7 +8,6 @@ count — never on the parallel layout — and resuming at any step replays noth
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 
 import numpy as np
 import torch
@@ -55,28 +54,3 @@ class BatchSource:
             )
             batches.append(to_device(batch))
         return batches
-
-
-def objective_loss(batch: dict, inject_nonfinite: bool, per_token_loss: torch.Tensor):
-    """megatron-core loss function (3-tuple form): counted-token loss sum, count, report.
-    Causal and masked samples are summed separately for logging."""
-    mask = batch["loss_mask"].float()
-    weighted = per_token_loss.float() * mask
-    masked_rows = batch["masked"].bool()
-    loss_sum = weighted.sum()
-    if inject_nonfinite:
-        loss_sum = loss_sum * float("nan")
-    count = mask.sum().to(torch.int)
-    report = {
-        "causal_sum": weighted[~masked_rows].sum().detach(),
-        "causal_tokens": mask[~masked_rows].sum().detach(),
-        "masked_sum": weighted[masked_rows].sum().detach(),
-        "masked_tokens": mask[masked_rows].sum().detach(),
-    }
-    return loss_sum, count, report
-
-
-def objective_forward_step(inject_nonfinite: bool, data_iterator, model):
-    batch = next(data_iterator)
-    output = model(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"])
-    return output, partial(objective_loss, batch, inject_nonfinite)

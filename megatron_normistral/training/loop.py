@@ -13,11 +13,10 @@ import torch.distributed as dist
 from megatron_normistral.config.recipe import Recipe, validate_recipe
 from megatron_normistral.runtime import parallel as rt
 from megatron_normistral.training import checkpointing as ckpt
-from megatron_normistral.training.batches import objective_forward_step
 from megatron_normistral.training.metrics import LossTotals, MetricsLogger, memory_gb, print_rank0, reduce_losses
 from megatron_normistral.training.schedule import apply_learning_rate, learning_rate
 from megatron_normistral.training.stages import set_trainable
-from megatron_normistral.training.step import train_step
+from megatron_normistral.training.step import lm_forward_step, train_step
 
 
 class TrainingStopped(RuntimeError):
@@ -133,7 +132,7 @@ def pretrain(recipe: Recipe) -> ckpt.TrainState:
         micro_batches = data.train.micro_batches(state.consumed_samples)
         result = train_step(
             chunks, optimizer, [iter(micro_batches) for _ in chunks], len(micro_batches), t.seq_length, t.micro_batch_size,
-            forward_step_func=partial(objective_forward_step, state.step in t.inject_nonfinite_steps),
+            forward_step_func=partial(lm_forward_step, inject_nonfinite=state.step in t.inject_nonfinite_steps),
             skip_update=partial(nonfinite_anywhere, chunks),
         )
         grad_norm = result.grad_norm

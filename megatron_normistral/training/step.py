@@ -17,23 +17,41 @@ class StepResult:
     reports: list[dict]
 
 
-def masked_lm_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
+def lm_loss(batch: dict, per_token_loss: torch.Tensor, inject_nonfinite: bool = False):
     """Loss-function contract of megatron-core schedules (3-tuple form): the sum of counted
     token losses, the count, and what to report. megatron-core divides by the count per
     micro-batch (the authors' weighting) or, with ``calculate_per_token_loss``, over the
-    whole global batch (token weighting)."""
-    mask = loss_mask.reshape(-1).float()
-    loss_sum = torch.sum(per_token_loss.reshape(-1).float() * mask)
+    whole global batch (token weighting).
+
+    The report splits the sum by objective: rows with ``batch["masked"]`` set are masked
+    next-token prediction, the rest causal (a batch without the key is all causal).
+    ``inject_nonfinite`` turns the loss into NaN (the tests of non-finite step skipping)."""
+    mask = batch["loss_mask"].float()
+    weighted = per_token_loss.float() * mask
+    masked_rows = batch["masked"].bool() if "masked" in batch else torch.zeros(mask.shape[0], dtype=torch.bool, device=mask.device)
+    loss_sum = weighted.sum()
+    if inject_nonfinite:
+        loss_sum = loss_sum * float("nan")
     count = mask.sum().to(torch.int)
-    return loss_sum, count, {"loss_sum": loss_sum.detach().clone(), "tokens": count.detach().clone()}
+    report = {
+        # clones: megatron-core divides the returned loss in place
+        "loss_sum": loss_sum.detach().clone(),
+        "tokens": count.detach().clone(),
+        "causal_sum": weighted[~masked_rows].sum().detach(),
+        "causal_tokens": mask[~masked_rows].sum().detach(),
+        "masked_sum": weighted[masked_rows].sum().detach(),
+        "masked_tokens": mask[masked_rows].sum().detach(),
+    }
+    return loss_sum, count, report
 
 
-def lm_forward_step(data_iterator: Iterator[dict], model):
-    """forward_step_func for a batch dict: tokens, labels, loss_mask, position_ids and an
-    optional bool attention_mask [b, 1, s, s] (True = masked)."""
+def lm_forward_step(data_iterator: Iterator[dict], model, inject_nonfinite: bool = False):
+    """forward_step_func for a batch dict: tokens, labels, loss_mask, position_ids, an
+    optional bool attention_mask [b, 1, s, s] (True = masked) and optional per-row
+    ``masked`` flags (the hybrid objective's batches, data.objective.build_batch)."""
     batch = next(data_iterator)
     output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"])
-    return output, partial(masked_lm_loss, batch["loss_mask"])
+    return output, partial(lm_loss, batch, inject_nonfinite=inject_nonfinite)
 
 
 def train_step(
