@@ -6,7 +6,7 @@ model trained on that corpus (or --model). Prints numbers; asserts nothing.
 
 Each worker count runs with the segment cache (the default) and with --no-segment-cache. A
 repeated corpus flatters a cache, so the same runs are also made on one copy of the corpus
-(--unique-too, on by default): its hit rate is what text never seen before gets.
+(skip them with --no-unique): its hit rate is what text never seen before gets.
 
 Reference (Megatron-LM core_v0.16.1 tools/preprocess_data.py, same kind of machine, quiet, 40 MB,
 SentencePiece BPE 32k, --append-eod; from the shared bench README): 2 workers 13.1 s wall,

@@ -38,7 +38,7 @@ import numpy as np
 
 from megatron_normistral import _helpers  # built at install time; no pure-Python fallback on purpose
 from megatron_normistral.data.indexed import DTYPE_CODES, IndexedDatasetWriter, token_dtype_for
-from megatron_normistral.tokenizer.segment_cache import SegmentCachedEncoder, segmenter_for
+from megatron_normistral.tokenizer.segment_cache import SegmentCacheNotExact, SegmentCachedEncoder
 
 
 class BadInputError(ValueError):
@@ -147,10 +147,9 @@ def iter_blocks(path: str, chunk_bytes: int) -> Iterator[tuple[int, bytes]]:
 _W: dict = {}  # per-process state: tokenizer, config, dtype code, sentence splitter
 
 
-def _setup_worker(tokenizer, cfg: PreprocessConfig, dtype_code: int, use_cache: bool) -> None:
+def _setup_worker(tokenizer, cfg: PreprocessConfig, dtype_code: int, cached: SegmentCachedEncoder | None) -> None:
     _W.clear()
-    _W.update(tok=tokenizer, cfg=cfg, code=dtype_code, eod=tokenizer.eod_id if cfg.append_eod else None)
-    _W["cached"] = SegmentCachedEncoder(tokenizer) if use_cache else None
+    _W.update(tok=tokenizer, cfg=cfg, code=dtype_code, eod=tokenizer.eod_id if cfg.append_eod else None, cached=cached)
     if cfg.split_sentences:
         from nltk.tokenize.punkt import PunktSentenceTokenizer
 
@@ -307,10 +306,9 @@ def preprocess(cfg: PreprocessConfig, tokenizer=None, log=sys.stderr) -> Preproc
         _ = tok.eod_id  # fail early if the tokenizer has no EOD
     dtype = token_dtype_for(tok.vocab_size)
     code = DTYPE_CODES[dtype]
-    pattern, why = segmenter_for(tok) if cfg.segment_cache else (None, "turned off")
-    cache_off_reason = None if pattern is not None else why
-    print(f"[preprocess] segment cache: {'on (' + why + ')' if pattern is not None else 'off (' + why + ')'}",
-          file=log)
+    cached, cache_state = _segment_cache(tok, cfg.segment_cache)
+    shown = f"on ({cached.basis})" if cached is not None else f"off ({cache_state})"
+    print(f"[preprocess] segment cache: {shown}", file=log)
     hits = misses = 0
     stats = [FileStats(p) for p in files]
     reasons: collections.Counter = collections.Counter()
@@ -332,7 +330,7 @@ def preprocess(cfg: PreprocessConfig, tokenizer=None, log=sys.stderr) -> Preproc
     try:
         for p in outputs:  # one by one, so a failure still aborts the ones already opened
             writers.append(IndexedDatasetWriter(p, dtype, backend=cfg.backend))
-        _setup_worker(tok, cfg, code, use_cache=cache_off_reason is None)
+        _setup_worker(tok, cfg, code, cached)
         if cfg.workers <= 0:
             results = map(_process_block, items())
         else:
@@ -380,11 +378,21 @@ def preprocess(cfg: PreprocessConfig, tokenizer=None, log=sys.stderr) -> Preproc
         raise
     finally:
         _W.clear()
-    result = PreprocessResult(outputs, stats, dict(reasons), time.perf_counter() - t0,
-                              "on" if cache_off_reason is None else cache_off_reason, hits, misses)
+    result = PreprocessResult(outputs, stats, dict(reasons), time.perf_counter() - t0, cache_state, hits, misses)
     progress.maybe(result.documents, result.bytes, result.tokens, force=True)
     print_summary(result, log)
     return result
+
+
+def _segment_cache(tok, wanted: bool) -> tuple[SegmentCachedEncoder | None, str]:
+    """(encoder, "on") where the cache is exact for ``tok`` and wanted, else (None, why not).
+    Built once here; forked workers inherit it (each then fills its own copy)."""
+    if not wanted:
+        return None, "turned off"
+    try:
+        return SegmentCachedEncoder(tok), "on"
+    except SegmentCacheNotExact as e:
+        return None, e.reason
 
 
 def print_summary(result: PreprocessResult, stream=sys.stderr) -> None:

@@ -113,6 +113,14 @@ def _hf_why_not(spec: dict) -> str | None:
     return None
 
 
+class SegmentCacheNotExact(ValueError):
+    """The tokenizer fails a check of :func:`segmenter_for`; ``reason`` says which."""
+
+    def __init__(self, tokenizer_name: str, reason: str):
+        super().__init__(f"segment cache is not exact for {tokenizer_name}: {reason}")
+        self.reason = reason
+
+
 class SegmentCachedEncoder:
     """``encode(text) == tokenizer.encode(text)``, with encodings of repeated segments reused.
 
@@ -128,7 +136,8 @@ class SegmentCachedEncoder:
     def __init__(self, tokenizer, max_entries: int = 1 << 17, max_chars: int = 64):
         pattern, why = segmenter_for(tokenizer)
         if pattern is None:
-            raise ValueError(f"segment cache is not exact for {tokenizer.name}: {why}")
+            raise SegmentCacheNotExact(tokenizer.name, why)
+        self.basis = why  # what exactness relies on, for the log
         self.tokenizer = tokenizer
         self._split = pattern.split
         self.max_entries = max_entries
@@ -152,10 +161,11 @@ class SegmentCachedEncoder:
                 ids = self._previous.pop(seg, None)
                 if ids is None:
                     misses += 1
-                    ids = tuple(self.tokenizer.encode(seg))
+                    encoded = self.tokenizer.encode(seg)
                     if len(seg) > self.max_chars:
-                        extend(ids)
+                        extend(encoded)
                         continue
+                    ids = tuple(encoded)
                 if len(current) >= self.max_entries:
                     self._previous, self._current = current, {}
                     current = self._current

@@ -10,7 +10,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from megatron_normistral.tokenizer import load_tokenizer
-from megatron_normistral.tokenizer.segment_cache import DROP_SPACE, KEEP_SPACE, SegmentCachedEncoder, segmenter_for
+from megatron_normistral.tokenizer.segment_cache import (
+    DROP_SPACE,
+    KEEP_SPACE,
+    SegmentCachedEncoder,
+    SegmentCacheNotExact,
+    segmenter_for,
+)
 
 from .conftest import LANGS
 
@@ -107,7 +113,7 @@ def test_refused_sentencepiece_settings_would_change_tokens(tmp_path, corpus_doc
     assert pattern is None and "dummy prefix" in why
     text = "Dette er en setning om Noreg."
     assert _concatenated(no_prefix, DROP_SPACE, text) != no_prefix.encode(text)
-    with pytest.raises(ValueError, match="not exact"):
+    with pytest.raises(SegmentCacheNotExact, match="not exact"):
         SegmentCachedEncoder(no_prefix)
 
     crossing = _train_sentencepiece(tmp_path / "cross", sample * 3, model_type="bpe", split_by_whitespace=False)
