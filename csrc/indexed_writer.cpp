@@ -1,14 +1,11 @@
 // Writer of megatron-core's indexed dataset format (PREFIX.bin + PREFIX.idx), used by
-// tools/preprocess_data.py. megatron_normistral/data/indexed.py holds the pure-Python writer
-// kept as the reference; tests check both produce byte-identical files.
-//
-// .idx layout (little-endian), as read by megatron.core.datasets.indexed_dataset:
-//   b"MMIDIDX\0\0" | u64 version=1 | u8 dtype code | u64 sequence count | u64 document-index
-//   count | i32 lengths[seq] | i64 byte pointers[seq] | i64 document_indices[docs + 1]
-// .bin: the token ids of all sequences back to back, in the dtype of the header.
+// tools/preprocess_data.py. The layout is specified by the docstring of its pure-Python
+// reference, megatron_normistral/data/indexed.py:_PyWriter; tests check both write
+// byte-identical files.
 #include <pybind11/numpy.h>
 #include <pybind11/stl.h>
 
+#include <cerrno>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
@@ -55,6 +52,14 @@ void store(char* dst, int code, int64_t v) {
         case 4: { int32_t x = (int32_t)v; std::memcpy(dst, &x, 4); break; }
         default: std::memcpy(dst, &v, 8);
     }
+}
+
+// Raises Python's OSError(err, strerror, path) (ENOSPC, EFBIG, EIO, ...), so callers see which
+// file failed and why, as with Python's own file objects. Needs the GIL.
+[[noreturn]] void raise_os_error(int err, const std::string& path) {
+    errno = err ? err : EIO;
+    PyErr_SetFromErrnoWithFilename(PyExc_OSError, path.c_str());
+    throw py::error_already_set();
 }
 
 py::dtype numpy_dtype_of(int code) {
@@ -106,9 +111,9 @@ py::tuple pack_token_lists(const py::list& docs, int code) {
 class IndexedWriter {
 public:
     IndexedWriter(const std::string& bin_path, const std::string& idx_path, int dtype_code)
-        : idx_path_(idx_path), code_(dtype_code), itemsize_(itemsize_of(dtype_code)) {
+        : bin_path_(bin_path), idx_path_(idx_path), code_(dtype_code), itemsize_(itemsize_of(dtype_code)) {
         bin_ = std::fopen(bin_path.c_str(), "wb");
-        if (!bin_) throw std::runtime_error("cannot open " + bin_path + " for writing");
+        if (!bin_) raise_os_error(errno, bin_path);
         // Large stdio buffer: .bin writes arrive as many small-to-medium chunks.
         std::setvbuf(bin_, nullptr, _IOFBF, 1 << 22);
         doc_idx_.push_back(0);
@@ -145,10 +150,12 @@ public:
         for (py::ssize_t i = 0; i < ns; ++i) lengths_.push_back((int32_t)L[i]);
         const size_t nbytes = (size_t)total * itemsize_;
         const char* src = static_cast<const char*>(tokens.data());
+        int err = 0;
         {
             py::gil_scoped_release nogil;
-            if (nbytes && std::fwrite(src, 1, nbytes, bin_) != nbytes) throw std::runtime_error("write to .bin failed");
+            if (nbytes && std::fwrite(src, 1, nbytes, bin_) != nbytes) err = errno ? errno : EIO;
         }
+        if (err) raise_os_error(err, bin_path_);
     }
 
     // Convenience path for lists of token-id lists, one sequence per document.
@@ -159,13 +166,18 @@ public:
 
     void finalize() {
         check_open();
-        if (std::fclose(bin_) != 0) { bin_ = nullptr; throw std::runtime_error("closing .bin failed"); }
+        // fclose flushes the stdio buffer: a full disk often shows up only here.
+        errno = 0;
+        const bool closed = std::fclose(bin_) == 0;
         bin_ = nullptr;
+        if (!closed) raise_os_error(errno, bin_path_);
         FILE* f = std::fopen(idx_path_.c_str(), "wb");
-        if (!f) throw std::runtime_error("cannot open " + idx_path_ + " for writing");
+        if (!f) raise_os_error(errno, idx_path_);
         std::setvbuf(f, nullptr, _IOFBF, 1 << 22);
-        bool ok = true;
-        auto put = [&](const void* p, size_t n) { if (n && std::fwrite(p, 1, n, f) != n) ok = false; };
+        int err = 0;  // first write error (errno)
+        auto put = [&](const void* p, size_t n) {
+            if (n && !err && std::fwrite(p, 1, n, f) != n) err = errno ? errno : EIO;
+        };
         const uint64_t version = 1, nseq = lengths_.size(), ndoc = doc_idx_.size();
         const uint8_t code = (uint8_t)code_;
         put("MMIDIDX\0\0", 9);
@@ -185,8 +197,9 @@ public:
         }
         put(ptr.data(), ptr.size() * 8);
         put(doc_idx_.data(), doc_idx_.size() * sizeof(int64_t));
-        if (std::fclose(f) != 0) ok = false;
-        if (!ok) throw std::runtime_error("write to " + idx_path_ + " failed");
+        errno = 0;
+        if (std::fclose(f) != 0 && !err) err = errno ? errno : EIO;
+        if (err) raise_os_error(err, idx_path_);
         finalized_ = true;
     }
 
@@ -203,6 +216,7 @@ private:
         if (!bin_) throw std::runtime_error("writer closed");
     }
     FILE* bin_ = nullptr;
+    std::string bin_path_;
     std::string idx_path_;
     int code_;
     size_t itemsize_;

@@ -1,28 +1,10 @@
 // Hybrid training objective (NorMistral-11b-warm, arXiv 2412.06484): per-sample mode (causal LM
 // or masked next-token prediction) and span masking / corruption of a masked sample.
 //
-// megatron_normistral/data/objective.py holds the numpy reference (backend="numpy") that this
-// must equal bit for bit; the tests compare them. The algorithm is specified there; in short:
-//
-// RNG: counter based, nothing sequential. key = splitmix64(splitmix64(seed) ^ global_index);
-//   stream key ks = splitmix64(key ^ SALT_stream); draw i of that stream = splitmix64(ks + i).
-//   Uniform-in-[0,1) tests compare (draw >> 11) (53 bits) with an integer threshold computed in
-//   Python; a bounded integer in [0, n) is ((draw >> 32) * n) >> 32 (n < 2^32). Only integer
-//   arithmetic, so both implementations agree exactly.
-// Mode: masked iff (draw_MODE(0) >> 11) < mode_threshold.
-// Masking of a sample x of s+1 tokens:
-//   maskable positions: j in [1, s] (label positions) with x[j] >= num_special; L = their count;
-//   target = floor(L * rate_num / rate_den).
-//   spans: walk j = 1..s; each run of consecutive maskable positions is cut, left to right, into
-//     spans of length 1 + bounded(draw_SPAN(k), max_span) (k = running span counter over the
-//     whole sample), the last span of a run truncated at the run's end (spans never cross a
-//     special token, hence never a document boundary).
-//   selection: partial Fisher-Yates over the span list (step t swaps t with
-//     t + bounded(draw_ORDER(t), n - t)); spans are taken in that order until exactly target
-//     positions are chosen (the last span taken is cut to its first positions that fit).
-//   corruption, per chosen span with original span index k: u = draw_ACTION(k) >> 11;
-//     u < thr_mask -> every chosen position gets mask_id; else u < thr_random -> position j
-//     gets num_special + bounded(draw_RANDOM(j), vocab_size - num_special); else kept.
+// Specified in megatron_normistral/data/objective.py (module docstring, "Definitions"); the
+// numpy reference there (backend="reference") is what this must equal bit for bit, and the
+// tests compare them. Randomness and bounded draws: helpers.h (bounded32 here). Thresholds and
+// the mask-rate fraction arrive as integers computed once in Python, for both backends.
 #include <pybind11/numpy.h>
 
 #include <cstdint>
@@ -46,24 +28,6 @@ constexpr uint64_t SALT_ORDER = 0x6F726465725F6679ULL;   // "order_fy"
 constexpr uint64_t SALT_ACTION = 0x616374696F6E5F75ULL;  // "action_u"
 constexpr uint64_t SALT_RANDOM = 0x72616E645F746F6BULL;  // "rand_tok"
 
-inline uint64_t sm64(uint64_t x) {
-    uint64_t z = x + 0x9E3779B97F4A7C15ULL;
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-    return z ^ (z >> 31);
-}
-
-// Keyed by (seed, GLOBAL sample index), not (as the authors did) by the sum of the token ids: the
-// global index does not depend on the parallel layout or on resumption, so modes and masks are
-// the same under any layout, any sample can be computed alone (no replay), and two samples with
-// the same content or token sum still get independent draws.
-inline uint64_t sample_key(uint64_t seed, uint64_t index) { return sm64(sm64(seed) ^ index); }
-inline uint64_t stream_key(uint64_t key, uint64_t salt) { return sm64(key ^ salt); }
-inline uint64_t draw(uint64_t ks, uint64_t i) { return sm64(ks + i); }
-inline uint64_t bounded(uint64_t x, uint64_t n) { return ((x >> 32) * n) >> 32; }  // n < 2^32
-
-using I64 = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
-
 py::array_t<bool> sample_modes(uint64_t seed, I64 indices, uint64_t threshold) {
     auto in = indices.unchecked<1>();
     const py::ssize_t n = in.shape(0);
@@ -71,8 +35,7 @@ py::array_t<bool> sample_modes(uint64_t seed, I64 indices, uint64_t threshold) {
     bool* o = out.mutable_data();
     for (py::ssize_t i = 0; i < n; ++i) {
         if (in(i) < 0) throw std::invalid_argument("objective_sample_modes: negative global index");
-        const uint64_t ks = stream_key(sample_key(seed, (uint64_t)in(i)), SALT_MODE);
-        o[i] = (draw(ks, 0) >> 11) < threshold;
+        o[i] = (draw(key_path(seed, (uint64_t)in(i), SALT_MODE), 0) >> 11) < threshold;
     }
     return out;
 }
@@ -99,7 +62,7 @@ void corrupt_one(const int64_t* x, int64_t n, uint64_t key, int64_t num_special,
     std::memcpy(out, x, sizeof(int64_t) * (size_t)n);
     std::memset(chosen, 0, sizeof(bool) * (size_t)n);
     // Spans over the maskable label positions 1..n-1.
-    const uint64_t ks_span = stream_key(key, SALT_SPAN);
+    const uint64_t ks_span = derive_key(key, SALT_SPAN);
     spans.clear();
     int64_t L = 0;
     uint64_t k = 0;
@@ -113,7 +76,7 @@ void corrupt_one(const int64_t* x, int64_t n, uint64_t key, int64_t num_special,
         while (run_end < n && x[run_end] >= num_special) ++run_end;
         L += run_end - j;
         while (j < run_end) {
-            int64_t len = 1 + (int64_t)bounded(draw(ks_span, k++), (uint64_t)max_span);
+            int64_t len = 1 + (int64_t)bounded32(draw(ks_span, k++), (uint64_t)max_span);
             if (len > run_end - j) len = run_end - j;
             spans.push_back({j, len});
             j += len;
@@ -122,9 +85,9 @@ void corrupt_one(const int64_t* x, int64_t n, uint64_t key, int64_t num_special,
     const int64_t target = (int64_t)((__int128)L * rate_num / rate_den);
     if (target <= 0) return;
 
-    const uint64_t ks_order = stream_key(key, SALT_ORDER);
-    const uint64_t ks_action = stream_key(key, SALT_ACTION);
-    const uint64_t ks_random = stream_key(key, SALT_RANDOM);
+    const uint64_t ks_order = derive_key(key, SALT_ORDER);
+    const uint64_t ks_action = derive_key(key, SALT_ACTION);
+    const uint64_t ks_random = derive_key(key, SALT_RANDOM);
     const uint64_t n_rand = (uint64_t)(vocab_size - num_special);
     // Shuffle span indices (the index keys the span's action draw).
     const int64_t ns = (int64_t)spans.size();
@@ -133,7 +96,7 @@ void corrupt_one(const int64_t* x, int64_t n, uint64_t key, int64_t num_special,
     for (int64_t i = 0; i < ns; ++i) order[i] = (int32_t)i;
     int64_t got = 0;
     for (int64_t t = 0; t < ns && got < target; ++t) {
-        const int64_t r = t + (int64_t)bounded(draw(ks_order, (uint64_t)t), (uint64_t)(ns - t));
+        const int64_t r = t + (int64_t)bounded32(draw(ks_order, (uint64_t)t), (uint64_t)(ns - t));
         std::swap(order[t], order[r]);
         const int32_t si = order[t];
         const Span sp = spans[si];
@@ -146,7 +109,7 @@ void corrupt_one(const int64_t* x, int64_t n, uint64_t key, int64_t num_special,
             if (u < thr_mask)
                 out[p] = mask_id;
             else if (u < thr_random)
-                out[p] = num_special + (int64_t)bounded(draw(ks_random, (uint64_t)p), n_rand);
+                out[p] = num_special + (int64_t)bounded32(draw(ks_random, (uint64_t)p), n_rand);
         }
     }
 }
@@ -172,7 +135,7 @@ py::tuple corrupt(I64 tokens, int64_t global_index, uint64_t seed, int64_t num_s
     {
         py::gil_scoped_release nogil;
         thread_local std::vector<Span> spans;
-        corrupt_one(x, n, sample_key(seed, (uint64_t)global_index), num_special, max_span, rate_num, rate_den,
+        corrupt_one(x, n, key_path(seed, (uint64_t)global_index), num_special, max_span, rate_num, rate_den,
                     thr_mask, thr_random, mask_id, vocab_size, o, c, spans);
     }
     return py::make_tuple(out, chosen);

@@ -27,21 +27,28 @@ Design:
   numbers, or, with ``allow_redistribute=True``, it is capped and the excess goes to the others in
   proportion to their weights (the plan says so).
 - The index (C++ ``_helpers.build_mixture_index``; :func:`reference_mixture_index` is the numpy /
-  Python reference it must equal) gives every global sample a corpus (a deterministic smooth
-  interleaving by weight) and a window (each corpus's windows shuffled afresh every epoch, from
-  ``seed``; a bucketed Fisher-Yates so that shuffling tens of millions of windows stays in cache). Two compact arrays: uint8 corpus and uint32 window per sample.
+  Python reference it must equal, and its docstring the specification) gives every global sample
+  a corpus (a deterministic smooth interleaving by weight) and a window (each corpus's windows
+  shuffled afresh every epoch, from ``seed``; a bucketed Fisher-Yates so that shuffling tens of
+  millions of windows stays in cache). Two compact arrays: uint8 corpus and uint32 window per
+  sample.
 - Resume: ``ds[g]`` is pure random access; starting at ``consumed_samples`` needs no replay.
 - Cache: the arrays are saved under ``cache_dir`` keyed by a fingerprint of every input (config,
   phases, run length, and each corpus's files: size, mtime, hash of their first and last MiB). A changed corpus or
   config gives a different key, so a stale index is never reused; loading also re-checks it.
 - Mixture change mid-run: ``MixtureDataset(cfg_a, N, changes=[(K, cfg_b)])`` uses cfg_a for
   global samples ``[0, K)`` and cfg_b from ``K`` on (same seq_length and seed). Samples below K
-  are exactly those of a run with cfg_a alone, so what was consumed stays as it was; from K each
-  corpus continues its own shuffled stream where it stopped (a per-corpus sample counter carries
-  over), so nothing already consumed is repeated and nothing is skipped, except ordinary
-  repetition after a full epoch. Epoch caps count the samples of earlier phases. Corpora are
-  matched across phases by prefix; a new corpus may appear in a later phase. To switch in a
-  running job: restart it with ``changes=[(consumed_samples, new_cfg)]``.
+  are exactly those of a run with cfg_a alone: the cfg_a phase is planned over the whole run,
+  ``[0, N)``, as that run planned it, and cut at K (:func:`plan_phases`; the C++ index writes
+  only the first K samples of it). From K each corpus continues its own shuffled stream where
+  it stopped (its count among the first K samples carries over), so nothing already consumed is
+  repeated and nothing is skipped, except ordinary repetition after a full epoch. Epoch caps
+  count the samples of earlier phases. Every phase is planned to the end of the run and cut at
+  the next change, so adding a later change never alters an earlier one. Corpora are matched
+  across phases by prefix; a new corpus may appear in a later phase. To switch in a running
+  job: restart it with ``changes=[(consumed_samples, new_cfg)]`` and the same run length.
+  :meth:`MixtureDataset.consumed_fingerprint` identifies the first ``n`` samples alone, so a
+  resume can tell a deliberate change after the samples consumed from one that alters them.
 """
 from __future__ import annotations
 
@@ -58,16 +65,36 @@ from typing import Sequence
 
 import numpy as np
 
-INDEX_VERSION = 1  # bump when the index algorithm changes: it is part of the fingerprint
+from megatron_normistral.data.reference import bounded64, check_backend, derive_key, draw, key_path
+
+INDEX_VERSION = 2  # bump when the index algorithm changes: it is part of the fingerprint
 
 
 @dataclass
 class CorpusSpec:
-    prefix: str                 # indexed dataset prefix (PREFIX.bin/.idx)
+    """One corpus of a mixture: the one schema of a training recipe's ``data.corpora`` entries,
+    of ``tools/plan_mixture.py``'s configs and of :class:`MixtureConfig`."""
+
+    prefix: str
+    """Indexed dataset prefix (PREFIX.bin and PREFIX.idx, from tools/preprocess_data.py)."""
+
     language: str
-    weight: float               # share of samples (normalised over the config)
+    """Language of the corpus (reported with its samples)."""
+
+    weight: float
+    """Share of the samples (normalised over the mixture's corpora)."""
+
     max_epochs: float = math.inf
-    name: str = ""              # label in tables; defaults to the language
+    """Most epochs of this corpus the run may read (a plan above it is an error, or is
+    redistributed with allow_redistribute)."""
+
+    name: str = ""
+    """Label in the plan's table; default: the language."""
+
+    def __post_init__(self):
+        # Floats whatever the file wrote (16 and 16.0 give the same mixture fingerprint); None: no cap.
+        self.weight = float(self.weight)
+        self.max_epochs = math.inf if self.max_epochs is None else float(self.max_epochs)
 
     @property
     def label(self) -> str:
@@ -98,12 +125,25 @@ class CorpusPlan:
     samples: int                # samples this phase takes
     start_counter: int          # samples of this corpus consumed by earlier phases
     max_epochs: float
+    seq_length: int
+    # Samples the interleaving was planned with: this phase's share of the rest of the run when
+    # a later change cuts the phase short (see plan_phases), else ``samples``.
+    planned_samples: int = -1
+
+    def __post_init__(self):
+        if self.planned_samples < 0:
+            self.planned_samples = self.samples
 
     @property
     def epochs(self) -> float:
+        """Epochs of this phase alone."""
         return self.samples / self.windows_per_epoch if self.windows_per_epoch else 0.0
 
-    seq_length: int
+    @property
+    def epochs_by_end(self) -> float:
+        """Epochs of this corpus read by the end of this phase, earlier phases included (what
+        ``max_epochs`` limits)."""
+        return (self.start_counter + self.samples) / self.windows_per_epoch if self.windows_per_epoch else 0.0
 
     @property
     def unique_tokens(self) -> int:
@@ -124,21 +164,30 @@ class MixturePlan:
     corpora: list[CorpusPlan]
     start_sample: int = 0
     notes: list[str] = field(default_factory=list)
+    planned_samples: int = -1   # length the interleaving was planned over (see CorpusPlan)
+
+    def __post_init__(self):
+        if self.planned_samples < 0:
+            self.planned_samples = self.train_samples
 
     def table(self) -> str:
         L = self.seq_length
+        so_far = self.start_sample > 0  # a later phase: also the epochs read since the run's start
+        run_ep = f"{'run ep':>7} " if so_far else ""
         head = (f"{'corpus':<10} {'lang':<5} {'weight':>7} {'share':>7} {'corpus tok':>15} {'smp/epoch':>11} "
-                f"{'samples':>12} {'epochs':>7} {'max ep':>6} {'unique tok':>15} {'total tok':>15}")
+                f"{'samples':>12} {'epochs':>7} {run_ep}{'max ep':>6} {'unique tok':>15} {'total tok':>15}")
         lines = [f"Mixture plan: global samples [{self.start_sample:,}, {self.start_sample + self.train_samples:,}), "
                  f"seq_length {L}, seed {self.seed}", head, "-" * len(head)]
         for c in self.corpora:
             lines.append(
                 f"{c.label:<10} {c.language:<5} {c.weight:>7.2%} {c.share:>7.2%} {c.tokens:>15,} "
-                f"{c.windows_per_epoch:>11,} {c.samples:>12,} {c.epochs:>7.2f} {c.max_epochs:>6g} "
+                f"{c.windows_per_epoch:>11,} {c.samples:>12,} {c.epochs:>7.2f} "
+                f"{f'{c.epochs_by_end:>7.2f} ' if so_far else ''}{c.max_epochs:>6g} "
                 f"{c.unique_tokens:>15,} {c.total_tokens:>15,}")
         lines.append("-" * len(head))
         lines.append(f"{'total':<10} {'':<5} {'':>7} {'':>7} {sum(c.tokens for c in self.corpora):>15,} {'':>11} "
-                     f"{self.train_samples:>12,} {'':>7} {'':>6} {sum(c.unique_tokens for c in self.corpora):>15,} "
+                     f"{self.train_samples:>12,} {'':>7} {' ' * len(run_ep)}{'':>6} "
+                     f"{sum(c.unique_tokens for c in self.corpora):>15,} "
                      f"{self.train_samples * L:>15,}")
         lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)
@@ -149,10 +198,11 @@ class MixturePlan:
     def to_dict(self) -> dict:
         return {
             "seq_length": self.seq_length, "seed": self.seed, "start_sample": self.start_sample,
-            "train_samples": self.train_samples, "notes": self.notes,
+            "train_samples": self.train_samples, "planned_samples": self.planned_samples, "notes": self.notes,
             "corpora": [dict(label=c.label, prefix=c.prefix, language=c.language, weight=c.weight, share=c.share,
                              tokens=c.tokens, windows_per_epoch=c.windows_per_epoch, samples=c.samples,
-                             start_counter=c.start_counter, epochs=c.epochs,
+                             planned_samples=c.planned_samples, start_counter=c.start_counter, epochs=c.epochs,
+                             epochs_by_end=c.epochs_by_end,
                              max_epochs=None if math.isinf(c.max_epochs) else c.max_epochs,
                              unique_tokens=c.unique_tokens, total_tokens=c.total_tokens) for c in self.corpora],
         }
@@ -181,12 +231,33 @@ def _largest_remainder(weights: np.ndarray, total: int) -> np.ndarray:
     return base
 
 
+def _epoch_caps(config: MixtureConfig, windows: Sequence[int], consumed: Sequence[int]) -> list[float]:
+    """Samples each corpus may still give under its ``max_epochs`` after ``consumed``."""
+    return [math.inf if math.isinf(c.max_epochs) else max(0, math.floor(c.max_epochs * n) - used)
+            for c, n, used in zip(config.corpora, windows, consumed)]
+
+
+def _over_cap_message(config: MixtureConfig, over: Sequence[int], wn, samples, consumed, windows, tokens) -> str:
+    msgs = []
+    for i in over:
+        c = config.corpora[i]
+        need = (samples[i] + consumed[i]) / windows[i] if windows[i] else math.inf
+        msgs.append(f"corpus {c.label!r} ({c.prefix}): weight {wn[i]:.4f} -> {samples[i]:,} samples"
+                    f"{f' (+{consumed[i]:,} earlier)' if consumed[i] else ''} = {need:.2f} epochs of its "
+                    f"{windows[i]:,} samples/epoch ({tokens[i]:,} tokens), above max_epochs={c.max_epochs:g}")
+    return "; ".join(msgs) + (". Lower the weight, raise max_epochs, add data, or set allow_redistribute=True "
+                              "to give the excess to the other corpora.")
+
+
 def compute_plan(config: MixtureConfig, train_samples: int, corpus_tokens: Sequence[int] | None = None,
-                 consumed: Sequence[int] | None = None, start_sample: int = 0) -> MixturePlan:
+                 consumed: Sequence[int] | None = None, start_sample: int = 0,
+                 check_caps: bool = True) -> MixturePlan:
     """Samples, epochs and tokens per corpus for ``train_samples`` samples (steps x global batch).
 
     ``corpus_tokens``: sizes in tokens (default: read from each corpus's .idx). ``consumed``:
-    samples each corpus already gave in earlier phases (count toward ``max_epochs``)."""
+    samples each corpus already gave in earlier phases (count toward ``max_epochs``).
+    ``check_caps=False``: plain shares by weight, ``max_epochs`` neither checked nor applied (the
+    caller checks what is really read: :func:`plan_phases` for a phase cut short)."""
     L = config.seq_length
     K = len(config.corpora)
     if K == 0:
@@ -201,23 +272,12 @@ def compute_plan(config: MixtureConfig, train_samples: int, corpus_tokens: Seque
         raise ValueError("weights must be >= 0 with a positive sum")
     wn = weights / weights.sum()
     windows = [max(0, (t - 1) // L) for t in tokens]
-    caps = []
-    for c, n, used in zip(config.corpora, windows, consumed):
-        cap = math.inf if math.isinf(c.max_epochs) else max(0, math.floor(c.max_epochs * n) - used)
-        caps.append(cap)
+    caps = _epoch_caps(config, windows, consumed) if check_caps else [math.inf] * K
     samples = _largest_remainder(wn, train_samples)
     notes: list[str] = []
     over = [i for i in range(K) if samples[i] > caps[i]]
     if over and not config.allow_redistribute:
-        msgs = []
-        for i in over:
-            c = config.corpora[i]
-            need = (samples[i] + consumed[i]) / windows[i] if windows[i] else math.inf
-            msgs.append(f"corpus {c.label!r} ({c.prefix}): weight {wn[i]:.4f} -> {samples[i]:,} samples"
-                        f"{f' (+{consumed[i]:,} earlier)' if consumed[i] else ''} = {need:.2f} epochs of its "
-                        f"{windows[i]:,} samples/epoch ({tokens[i]:,} tokens), above max_epochs={c.max_epochs:g}")
-        raise EpochCapError("; ".join(msgs) + ". Lower the weight, raise max_epochs, add data, or set "
-                            "allow_redistribute=True to give the excess to the other corpora.")
+        raise EpochCapError(_over_cap_message(config, over, wn, samples, consumed, windows, tokens))
     if over:
         # Water-filling: cap the corpora over their limit, share the rest by weight, repeat.
         fixed: dict[int, int] = {}
@@ -261,30 +321,8 @@ def compute_plan(config: MixtureConfig, train_samples: int, corpus_tokens: Seque
 
 # --- the index ---------------------------------------------------------------------------------
 
-_MASK = (1 << 64) - 1
-
-
-def _splitmix64(x: int) -> int:
-    z = (x + 0x9E3779B97F4A7C15) & _MASK
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK
-    return z ^ (z >> 31)
-
-
-def _epoch_key(seed: int, slot: int, epoch: int) -> int:
-    return _splitmix64(_splitmix64(_splitmix64(seed & _MASK) ^ slot) ^ epoch)
-
-
 LEAF = 65536  # target bucket size of the per-epoch shuffle (cache-resident)
-_BUCKET_SALT = 0xD1B54A32D192ED03
-
-
-def _splitmix64_np(x: np.ndarray) -> np.ndarray:
-    """Vectorised splitmix64 over uint64 arrays (numpy integer arrays wrap, as in C++)."""
-    z = x + np.uint64(0x9E3779B97F4A7C15)
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return z ^ (z >> np.uint64(31))
+_BUCKET_SALT = 0xD1B54A32D192ED03  # keep in sync with csrc/mixture_index.cpp (BUCKET_SALT)
 
 
 def _bucket_bits(n: int, leaf: int) -> int:
@@ -295,76 +333,182 @@ def _bucket_bits(n: int, leaf: int) -> int:
 
 
 def reference_epoch_permutation(n: int, seed: int, slot: int, epoch: int, leaf: int = LEAF) -> np.ndarray:
-    """Python reference of the per-epoch shuffle (C++ ``epoch_permutation``): windows go to
-    2^b buckets by hash bits (stable, ascending within a bucket), then each bucket gets a
-    forward Fisher-Yates (position t swaps with a uniform one in [t, end), multiply-shift of a
-    splitmix64 counter)."""
-    key = _epoch_key(seed, slot, epoch)
+    """The order in which corpus ``slot`` reads its ``n`` windows in ``epoch`` (the reference,
+    and the specification, of ``_helpers.epoch_permutation``; primitives from
+    :mod:`~megatron_normistral.data.reference`).
+
+    A one-level Rao-Sandelius shuffle under ``key = key_path(seed, slot, epoch)``: with ``b`` the
+    smallest integer (at most 16) such that ``n >> b <= leaf``, window ``i`` goes to bucket
+    ``draw(derive_key(key, BUCKET_SALT), i) >> (64 - b)`` (no buckets when ``b = 0``); the
+    buckets are laid out in order, windows ascending within each; then each bucket ``[s, e)``
+    gets a forward Fisher-Yates: for ``t = s .. e - 2``, position ``t`` swaps with
+    ``t + bounded64(draw(key, t), e - t)``. A uniform random split into buckets followed by
+    uniform shuffles within them is a uniform random permutation, and buckets of about ``leaf``
+    windows stay in cache where a plain Fisher-Yates over tens of millions of windows misses it
+    once per element (about 5x slower, measured at 61M samples)."""
+    key = key_path(seed, slot, epoch)
     b = _bucket_bits(n, leaf)
     if b == 0:
         p = np.arange(n, dtype=np.uint32)
         bounds = [0, n]
     else:
-        bkey = _splitmix64(key ^ _BUCKET_SALT)
-        with np.errstate(over="ignore"):
-            h = _splitmix64_np(np.arange(n, dtype=np.uint64) + np.uint64(bkey))
+        h = draw(derive_key(key, _BUCKET_SALT), np.arange(n, dtype=np.uint64))
         buckets = (h >> np.uint64(64 - b)).astype(np.int64)
         p = np.argsort(buckets, kind="stable").astype(np.uint32)
         bounds = [0] + np.cumsum(np.bincount(buckets, minlength=1 << b)).tolist()
     for s, e in zip(bounds[:-1], bounds[1:]):
         for t in range(s, e - 1):
-            j = t + ((_splitmix64((key + t) & _MASK) * (e - t)) >> 64)
+            j = t + bounded64(draw(key, t), e - t)
             p[t], p[j] = p[j], p[t]
     return p
 
 
-def reference_mixture_index(samples: Sequence[int], start_counter: Sequence[int], windows_per_epoch: Sequence[int],
-                            slots: Sequence[int], seed: int, leaf: int = LEAF) -> tuple[np.ndarray, np.ndarray]:
-    """numpy/Python reference of ``_helpers.build_mixture_index`` (slow; for tests)."""
+def _reference_interleave(samples: Sequence[int], n: int):
+    """The corpus (position in ``samples``) of each of the first ``n`` samples of a phase of
+    ``N = sum(samples)`` samples, with the samples it already got (see
+    :func:`reference_mixture_index`, "which corpus")."""
     S = np.array(samples, dtype=np.int64)
     N = int(S.sum())
     count = np.zeros(len(S), dtype=np.int64)
     deficit = np.zeros(len(S), dtype=np.int64)
-    corpus = np.zeros(N, dtype=np.uint8)
-    window = np.zeros(N, dtype=np.uint32)
-    perms: dict[tuple[int, int], np.ndarray] = {}
-    for g in range(N):
+    for _ in range(n):
         deficit += S
         open_ = count < S
         c = int(np.flatnonzero(open_)[np.argmax(deficit[open_])])  # first max among corpora left
-        k = int(start_counter[c]) + int(count[c])
-        e, r = divmod(k, int(windows_per_epoch[c]))
+        yield c, int(count[c])
+        deficit[c] -= N
+        count[c] += 1
+
+
+def reference_prefix_counts(samples: Sequence[int], n: int) -> np.ndarray:
+    """numpy/Python reference of ``_helpers.mixture_prefix_counts``: each corpus's samples among
+    the first ``n`` of the phase."""
+    count = np.zeros(len(samples), dtype=np.int64)
+    for c, _ in _reference_interleave(samples, n):
+        count[c] += 1
+    return count
+
+
+def reference_mixture_index(samples: Sequence[int], start_counter: Sequence[int], windows_per_epoch: Sequence[int],
+                            slots: Sequence[int], seed: int, leaf: int = LEAF,
+                            length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(corpus slot uint8, window uint32) of each of the first ``length`` (default all
+    ``N = sum(samples)``) global samples of a mixture phase: the reference, and the
+    specification, of ``_helpers.build_mixture_index`` (which must equal it bit for bit; slow,
+    for tests). Per corpus ``c``: ``samples[c]`` it gives in the phase, ``start_counter[c]``
+    samples it gave in earlier phases, ``windows_per_epoch[c]`` (``n_c``), ``slots[c]``.
+
+    - Which corpus (deterministic smooth interleaving): corpus ``c``'s deficit after ``g + 1``
+      samples is ``samples[c] * (g + 1) - count[c] * N`` (exact integers); sample ``g`` goes to
+      the corpus with the largest deficit among those with samples left (ties: lowest index).
+    - Which window: corpus ``c``'s ``k``-th sample overall (``k = start_counter[c]`` + the samples
+      it already got in this phase) is window ``P[k mod n_c]`` of
+      ``P = reference_epoch_permutation(n_c, seed, slots[c], k div n_c, leaf)``: each epoch is a
+      fresh shuffle, and a phase that starts each counter where the previous phase stopped
+      continues the same streams, so nothing consumed is repeated or skipped.
+    - A phase cut short by a later mixture change is planned as if it ran to the end of the run
+      (``samples`` over the rest of the run, what a run without that change used) and only its
+      first ``length`` samples are taken, exactly those that run consumed;
+      :func:`reference_prefix_counts` gives each corpus's count among them, where the next
+      phase's counters start."""
+    n = int(np.sum(samples)) if length is None else int(length)
+    corpus = np.zeros(n, dtype=np.uint8)
+    window = np.zeros(n, dtype=np.uint32)
+    perms: dict[tuple[int, int], np.ndarray] = {}
+    for g, (c, got) in enumerate(_reference_interleave(samples, n)):
+        e, r = divmod(int(start_counter[c]) + got, int(windows_per_epoch[c]))
         if (c, e) not in perms:
             perms[(c, e)] = reference_epoch_permutation(int(windows_per_epoch[c]), seed, int(slots[c]), e, leaf)
         corpus[g] = slots[c]
         window[g] = perms[(c, e)][r]
-        deficit[c] -= N
-        count[c] += 1
     return corpus, window
+
+
+def plan_phases(phases: Sequence[tuple[int, MixtureConfig]], train_samples: int, tokens_by_prefix: dict[str, int],
+                backend: str = "cpp") -> list[MixturePlan]:
+    """Plans of consecutive mixture phases ``[(start sample, config), ...]`` (first start 0)
+    of a run of ``train_samples``, each corpus's counter carried over from the phases before.
+
+    Each phase is planned over the rest of the run, ``[start, train_samples)``, exactly as a
+    run without the later changes planned it, and cut where the next phase starts: its samples
+    per corpus are then the counts among the first ``next start - start`` samples of that
+    interleaving (``_helpers.mixture_prefix_counts``), so the cut phase gives the very samples
+    that run consumed and the next phase starts each corpus where it stopped. A cut phase is
+    checked against ``max_epochs`` for what it reads; its interleaving applies the caps over the
+    rest of the run when that plan is valid (what the run without the change used, with
+    redistribution if allowed) and ignores them when it is not (no such run could exist)."""
+    backend = check_backend(backend)
+    consumed: dict[str, int] = {}
+    plans = []
+    for i, (start, cfg) in enumerate(phases):
+        end = phases[i + 1][0] if i + 1 < len(phases) else train_samples
+        tokens = [tokens_by_prefix[c.prefix] for c in cfg.corpora]
+        used = [consumed.get(c.prefix, 0) for c in cfg.corpora]
+        if end == train_samples:
+            plan = compute_plan(cfg, end - start, tokens, consumed=used, start_sample=start)
+        else:
+            plan = _cut_phase(cfg, start, end, train_samples, tokens, used, backend)
+        for c, cp in zip(cfg.corpora, plan.corpora):
+            consumed[c.prefix] = consumed.get(c.prefix, 0) + cp.samples
+        plans.append(plan)
+    return plans
+
+
+def _cut_phase(cfg: MixtureConfig, start: int, end: int, train_samples: int, tokens: list[int], used: list[int],
+               backend: str) -> MixturePlan:
+    """The plan of ``cfg`` over ``[start, train_samples)`` cut to ``[start, end)`` (see plan_phases)."""
+    horizon = train_samples - start
+    try:
+        full = compute_plan(cfg, horizon, tokens, consumed=used, start_sample=start)
+    except EpochCapError as e:
+        full = compute_plan(cfg, horizon, tokens, consumed=used, start_sample=start, check_caps=False)
+        full.notes.append(f"to the end of the run this mixture would exceed max_epochs ({str(e).split('. ')[0]}); "
+                          f"it is checked for the samples of this phase only")
+    planned = np.array([c.samples for c in full.corpora], dtype=np.int64)
+    if backend == "cpp":
+        from megatron_normistral import _helpers
+
+        counts = _helpers.mixture_prefix_counts(planned, end - start)
+    else:
+        counts = reference_prefix_counts(planned, end - start)
+    windows = [c.windows_per_epoch for c in full.corpora]
+    over = [i for i, cap in enumerate(_epoch_caps(cfg, windows, used)) if counts[i] > cap]
+    if over:
+        wn = [c.weight for c in full.corpora]
+        raise EpochCapError(f"mixture phase [{start:,}, {end:,}): "
+                            + _over_cap_message(cfg, over, wn, [int(x) for x in counts], used, windows, tokens))
+    n = end - start
+    corpora = [dataclasses.replace(c, samples=int(k), share=int(k) / n, planned_samples=int(p))
+               for c, k, p in zip(full.corpora, counts, planned)]
+    note = (f"planned over the rest of the run, global samples [{start:,}, {train_samples:,}), as a run without "
+            f"the change at {end:,} had it, and cut there: these are the samples that run read")
+    return MixturePlan(full.seq_length, full.seed, n, corpora, start_sample=start, notes=[note] + full.notes,
+                       planned_samples=horizon)
 
 
 def build_index_arrays(phase_plans: Sequence[tuple[MixturePlan, Sequence[int]]], seed: int,
                        backend: str = "cpp", leaf: int = LEAF) -> tuple[np.ndarray, np.ndarray]:
     """Concatenated (corpus slot uint8, window uint32) for consecutive phases.
-    ``phase_plans``: (plan, slot of each of the plan's corpora)."""
+    ``phase_plans``: (plan, slot of each of the plan's corpora). A phase cut short by a later
+    change (``planned_samples > train_samples``) gives the first ``train_samples`` samples of
+    the interleaving it was planned with."""
     from megatron_normistral import _helpers  # built at install time; no silent fallback
 
+    backend = check_backend(backend)
     total = sum(p.train_samples for p, _ in phase_plans)
     corpus = np.empty(total, dtype=np.uint8)
     window = np.empty(total, dtype=np.uint32)
     pos = 0
     for plan, slots in phase_plans:
-        args = (np.array([c.samples for c in plan.corpora], dtype=np.int64),
+        args = (np.array([c.planned_samples for c in plan.corpora], dtype=np.int64),
                 np.array([c.start_counter for c in plan.corpora], dtype=np.int64),
                 np.array([c.windows_per_epoch for c in plan.corpora], dtype=np.int64),
                 np.array(slots, dtype=np.int64), seed)
         n = plan.train_samples
         if backend == "cpp":
             _helpers.build_mixture_index(*args, corpus[pos:pos + n], window[pos:pos + n], leaf)
-        elif backend == "reference":
-            corpus[pos:pos + n], window[pos:pos + n] = reference_mixture_index(*args, leaf=leaf)
         else:
-            raise ValueError(f"backend must be 'cpp' or 'reference', got {backend!r}")
+            corpus[pos:pos + n], window[pos:pos + n] = reference_mixture_index(*args, leaf=leaf, length=n)
         pos += n
     return corpus, window
 
@@ -411,17 +555,12 @@ class MixtureDataset:
         if len(self.prefixes) > 255:
             raise ValueError("at most 255 corpora")
         tokens_by_prefix = {p: corpus_num_tokens(p) for p in self.prefixes}
-        # Phase plans, each corpus's counter carried over from the phases before.
-        consumed = {p: 0 for p in self.prefixes}
-        self.phase_plans: list[tuple[MixturePlan, list[int]]] = []
-        for i, (start, cfg) in enumerate(phases):
-            end = phases[i + 1][0] if i + 1 < len(phases) else train_samples
-            plan = compute_plan(cfg, end - start, [tokens_by_prefix[s.prefix] for s in cfg.corpora],
-                                consumed=[consumed[s.prefix] for s in cfg.corpora], start_sample=start)
-            for s, cp in zip(cfg.corpora, plan.corpora):
-                consumed[s.prefix] += cp.samples
-            self.phase_plans.append((plan, [self.prefixes.index(s.prefix) for s in cfg.corpora]))
+        self.phase_plans: list[tuple[MixturePlan, list[int]]] = [
+            (plan, [self.prefixes.index(s.prefix) for s in cfg.corpora])
+            for plan, (_, cfg) in zip(plan_phases(phases, train_samples, tokens_by_prefix), phases)]
         self.plan = self.phase_plans[0][0] if len(self.phase_plans) == 1 else None
+        self._phases = phases
+        self._identities: dict[str, list] = {}
         self.fingerprint = self._fingerprint(phases)
         if verbose:
             for plan, _ in self.phase_plans:
@@ -439,16 +578,64 @@ class MixtureDataset:
         Path(path).write_text(json.dumps({"fingerprint": self.fingerprint,
                                           "phases": [p.to_dict() for p in self.plans]}, indent=2) + "\n")
 
-    def _fingerprint(self, phases) -> str:
+    def _corpus_identity(self, prefix: str) -> list:
         from megatron_normistral.data.indexed import bin_path, idx_path
 
+        if prefix not in self._identities:
+            self._identities[prefix] = [_file_identity(idx_path(prefix)), _file_identity(bin_path(prefix))]
+        return self._identities[prefix]
+
+    def _fingerprint(self, phases) -> str:
         desc = {
             "version": INDEX_VERSION, "train_samples": self.train_samples,
             "phases": [[s, dataclasses.asdict(c)] for s, c in phases],
-            "corpora": [[_file_identity(idx_path(p)), _file_identity(bin_path(p))] for p in self.prefixes],
+            "corpora": [self._corpus_identity(p) for p in self.prefixes],
             "plans": [[p.to_dict(), slots] for p, slots in self.phase_plans],
         }
         return hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()
+
+    def consumed_fingerprint(self, n: int) -> str:
+        """Fingerprint of what decides global samples ``[0, n)`` alone: the run length, the
+        phases that start below ``n`` (configs, start points) and their corpora's files. Equal
+        for two runs exactly when their first ``n`` samples are built from the same inputs, so a
+        resume at ``n`` consumed samples can tell a change that starts at ``n`` or later (the
+        data already read stays as it was) from one that alters what was read. A later phase's
+        corpora never change a slot of an earlier one (slots go by first appearance)."""
+        n = max(0, min(int(n), self.train_samples))
+        used = [(s, c) for s, c in self._phases if s < n] or self._phases[:1]
+        prefixes = list(dict.fromkeys(spec.prefix for _, c in used for spec in c.corpora))
+        desc = {
+            "version": INDEX_VERSION, "train_samples": self.train_samples,
+            "phases": [[s, dataclasses.asdict(c)] for s, c in used],
+            "corpora": [self._corpus_identity(p) for p in prefixes],
+        }
+        return hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()
+
+    def resume_note(self, consumed_samples: int, step: int, saved_fingerprint: str | None,
+                    saved_consumed_fingerprint: str | None) -> str | None:
+        """What a resume at ``consumed_samples`` (``step``) should say about the data, given the
+        checkpoint's :attr:`fingerprint` and :meth:`consumed_fingerprint` of its consumed
+        samples (None for a checkpoint that has none); None when the index is unchanged. A
+        change after the samples consumed (a deliberate ``data.mixture_changes`` entry) is a
+        note; one that alters them (data read twice or never) is a warning that says what to do."""
+        if not saved_fingerprint or saved_fingerprint == self.fingerprint:
+            return None
+        C = int(consumed_samples)
+        if saved_consumed_fingerprint is None:
+            return (f"WARNING: the data mixture differs from the checkpoint's (index fingerprint {saved_fingerprint[:16]} "
+                    f"-> {self.fingerprint[:16]}) and the checkpoint cannot tell whether its {C:,} samples consumed "
+                    f"are kept: unless the only change is a data.mixture_changes entry at step >= {step} with the "
+                    f"same corpus files, seed, seq_length and run length, the resumed run reads some data again and "
+                    f"skips some")
+        if saved_consumed_fingerprint == self.consumed_fingerprint(C):
+            return (f"mixture: the index differs from the checkpoint's only after the {C:,} samples consumed "
+                    f"(the first {step} steps), e.g. by a mixture change at step >= {step}: those samples stay as they were "
+                    f"read and each corpus continues its stream where it stopped")
+        return (f"WARNING: the first {C:,} samples (the first {step} steps) of this run's mixture index are not those the "
+                f"checkpoint consumed: the corpus files, weights, seed, seq_length, run length (train_iters x "
+                f"global_batch_size) or a data.mixture_changes entry before step {step} differ, so the resumed run "
+                f"reads some data again and skips some. To change the mixture from here, keep those as they were "
+                f"and give the change at_step >= {step}")
 
     def _load_or_build(self, cache_dir, verbose, log):
         if cache_dir is not None:
@@ -527,20 +714,31 @@ class MixtureDataset:
 
 
 def mixture_config_from_dict(d: dict) -> tuple[MixtureConfig, list[int] | None]:
-    """``{"seq_length", "seed", "allow_redistribute", "corpora": [{"prefix", "language", "weight",
-    "max_epochs", "name", "tokens"}]}``; ``tokens`` (optional, all or none) plans from sizes
-    without reading files. Returns (config, tokens or None)."""
+    """MixtureConfig's fields, each corpus :class:`CorpusSpec`'s plus an optional ``tokens``
+    (all corpora or none): plans from sizes without reading files. Returns (config, tokens or
+    None). A missing key is a KeyError naming it, an unknown one a ValueError."""
     specs, tokens = [], []
     for c in d["corpora"]:
-        me = c.get("max_epochs")
-        specs.append(CorpusSpec(prefix=c.get("prefix", ""), language=c["language"], weight=float(c["weight"]),
-                                max_epochs=math.inf if me is None else float(me), name=c.get("name", "")))
-        tokens.append(c.get("tokens"))
+        c = dict(c)
+        tokens.append(c.pop("tokens", None))
+        specs.append(_from_mapping(CorpusSpec, c))
     if any(t is not None for t in tokens) and any(t is None for t in tokens):
         raise ValueError("give 'tokens' for every corpus or for none")
-    cfg = MixtureConfig(specs, seq_length=int(d["seq_length"]), seed=int(d.get("seed", 1234)),
-                        allow_redistribute=bool(d.get("allow_redistribute", False)))
+    cfg = _from_mapping(MixtureConfig, {**d, "corpora": specs})
     return cfg, ([int(t) for t in tokens] if tokens[0] is not None else None)
+
+
+def _from_mapping(cls, d: dict):
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(d) - set(names))
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} of {cls.__name__}; known: {names}")
+    required = [f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [name for name in required if name not in d]
+    if missing:
+        raise KeyError(missing[0])
+    return cls(**d)
 
 
 def load_mixture_config(path: str | os.PathLike) -> tuple[MixtureConfig, list[int] | None]:

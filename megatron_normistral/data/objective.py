@@ -13,50 +13,57 @@ Usage (the training loop; ``s = ds[g]`` from :class:`~megatron_normistral.data.m
     batch["tokens"], batch["labels"]          # int64 [b, s]
     batch["loss_mask"]                        # float32 [b, s]
     batch["position_ids"]                     # int64 [b, s], 0..s-1
-    batch["attention_mask"]                   # bool [b, 1, s, s], True = masked out (megatron-core)
+    batch["document_ids"]                     # int32 [b, s], document of each token in its sample
     batch["masked"]                           # bool [b], the mode of each sample
+    # dense_mask=True adds batch["attention_mask"]: bool [b, 1, s, s], True = masked out
 
-Definitions (``x``: one sample, ``s + 1`` token ids; the C++ ``_helpers.objective_*`` functions
-(``backend="cpp"``, the default) and the numpy reference here (``backend="numpy"``) implement
-exactly this and agree bit for bit; the tests compare them):
+Definitions, the one specification of the objective (``x``: one sample, ``s + 1`` token ids;
+the C++ ``_helpers.objective_*`` functions in ``csrc/objective.cpp`` (``backend="cpp"``, the
+default) and the numpy reference here (``backend="reference"``; ``"numpy"``, its old name, is
+still accepted) implement exactly this and agree bit for bit; the tests compare them):
 
-- Random numbers: counter based, nothing sequential. The sample key is
-  ``splitmix64(splitmix64(seed) ^ global_index)``; each purpose has a stream key
-  ``splitmix64(key ^ SALT)`` and its i-th draw is ``splitmix64(stream_key + i)``. A Bernoulli(p)
-  test is ``(draw >> 11) < round(p * 2**53)``; a bounded integer in ``[0, n)`` is
-  ``((draw >> 32) * n) >> 32``. Integer arithmetic only.
+- Random numbers: counter based, from the shared core (:mod:`~megatron_normistral.data.reference`,
+  mirrored by ``csrc/helpers.h``). Each purpose (MODE, SPAN, ORDER, ACTION, RANDOM) has a stream
+  key ``key_path(seed, global_index, SALT)`` (``_SALT_*`` below) and
+  ``draw_SALT(i) = draw(stream_key, i)``. A Bernoulli(p) test is ``(draw >> 11) < thr(p)`` with
+  ``thr(p) = round(p * 2**53)``; a bounded integer in ``[0, n)`` is
+  ``bounded(draw, n) = bounded32(draw, n) = ((draw >> 32) * n) >> 32``. Integer arithmetic only.
   *Why by global index:* the authors seeded the masking of a sample by the sum of its token ids.
   We key by (seed, global sample index) instead: the index of a sample in the run's sample stream
   does not depend on the parallel layout (data-parallel size, micro-batch size, gradient
   accumulation), so a run gives the same modes and masks under any layout and after a resume,
   any sample can be computed alone without replaying earlier ones, and two samples with equal
   content (or equal token sums) still get independent draws.
-- Mode: masked with probability ``masked_fraction``, from the sample's MODE stream.
+- Mode: masked iff ``(draw_MODE(0) >> 11) < thr(masked_fraction)``.
 - Maskable positions: ``j`` in ``[1, s]`` (the positions that are labels; position 0 is never
   predicted) whose token is not special (``x[j] >= num_special_tokens``). ``L`` is their number;
   exactly ``target = floor(L * mask_rate)`` of them are chosen (``mask_rate`` is taken as the
   fraction ``Fraction(mask_rate).limit_denominator(10**6)``, so 1/6 is exactly 1/6 and the count
   is an exact integer ``L * num // den``).
 - Spans: every run of consecutive maskable positions is cut left to right into spans of length
-  uniform in ``{1..max_span}`` (the k-th span of the sample uses draw k of the SPAN stream); the
+  ``1 + bounded(draw_SPAN(k), max_span)`` (k counts the spans of the whole sample); the
   last span of a run is cut at the run's end, so a span never covers a special token and never
   crosses a document boundary (EOD is special).
 - Selection: a partial Fisher-Yates shuffle of the span list (step t swaps spans t and
   ``t + bounded(draw_ORDER(t), n_spans - t)``); spans are taken in that order until exactly
   ``target`` positions are chosen, the last span taken cut to the positions that still fit.
-- Corruption, per chosen span (span index k): ``u = draw_ACTION(k) >> 11``; with probability
-  ``mask_prob`` every chosen position of the span becomes ``mask_id``, with ``random_prob`` each
-  becomes a random regular token ``num_special + bounded(draw_RANDOM(j), vocab_size - num_special)``
-  (j: the position), otherwise the span is kept.
+- Corruption, per chosen span (k: its index in the span list before the shuffle):
+  ``u = draw_ACTION(k) >> 11``; if ``u < thr(mask_prob)`` every chosen position of the span
+  becomes ``mask_id``, else if ``u < thr(mask_prob + random_prob)`` each becomes a random regular
+  token ``num_special + bounded(draw_RANDOM(j), vocab_size - num_special)`` (j: the position),
+  otherwise the span is kept.
 - Labels: ``tokens = x'[:-1]`` (``x'``: corrupted in masked mode, ``x`` in causal mode),
   ``labels = x[1:]``; position i predicts token i + 1. ``loss_mask`` is 1 where the label is not
   special in causal mode, and 1 only where position i + 1 was chosen in masked mode (chosen
   positions are never special).
-- Attention (``attention_mask`` True = masked out): ``"document"``: block diagonal over the
-  packed documents (a document ends with its EOD token; documents are read from the original
-  ``x[:-1]``), causal within a document in causal mode and bidirectional within a document in
-  masked mode; ``"causal"``: causal over the whole sequence in causal mode and fully
-  bidirectional in masked mode.
+- Attention, described by ``document_ids`` and ``masked`` (``model.attention`` applies it, no
+  ``[s, s]`` mask is built): ``"document"``: block diagonal over the packed documents (a
+  document ends with its EOD token, and, when ``bos_id`` is given, starts with its BOS token,
+  so ``<s> A </s> <s> B </s>`` and ``<s> A <s> B`` both give ``<s> A`` its own block and the
+  ``<s>`` of B the start of B's; documents are read from the original ``x[:-1]``), causal
+  within a document in causal mode and bidirectional within a document in masked mode;
+  ``"causal"``: one document per sample, so causal over the whole sequence in causal mode and
+  fully bidirectional in masked mode.
 - ``position_ids``: ``0..s-1`` for every sample (RoPE positions run across packed documents, as
   the authors did).
 """
@@ -71,10 +78,10 @@ import numpy as np
 import torch
 
 from megatron_normistral import _helpers
+from megatron_normistral.data.reference import U64, bounded32, check_backend, derive_key, draw, key_path
 
 __all__ = ["ObjectiveConfig", "sample_modes", "corrupt", "build_batch"]
 
-_U64 = (1 << 64) - 1
 _ONE53 = 1 << 53
 # Stream salts: keep in sync with csrc/objective.cpp.
 _SALT_MODE = 0x6D6F64655F736C74
@@ -86,16 +93,32 @@ _SALT_RANDOM = 0x72616E645F746F6B
 
 @dataclass
 class ObjectiveConfig:
-    """Hybrid causal / masked next-token objective. See the module docstring for definitions."""
+    """Hybrid causal / masked next-token objective (the recipe's ``objective`` section). See the
+    module docstring for definitions."""
 
-    masked_fraction: float = 0.1     # probability that a sample is in masked (MNTP) mode
-    mask_rate: float = 1 / 6         # fraction of the maskable positions chosen in a masked sample
-    max_span: int = 3                # span lengths are uniform in {1..max_span}
-    mask_prob: float = 0.8           # chosen span -> <mask>
-    random_prob: float = 0.1         # chosen span -> random regular tokens (rest: kept)
-    num_special_tokens: int = 16     # ids below this are special: never chosen, never scored
+    masked_fraction: float = 0.1
+    """Probability that a sample is in masked (MNTP) mode; the others are causal."""
+
+    mask_rate: float = 1 / 6
+    """Fraction of a masked sample's maskable positions that are chosen."""
+
+    max_span: int = 3
+    """Chosen spans have lengths 1..max_span."""
+
+    mask_prob: float = 0.8
+    """A chosen span becomes <mask> with this probability."""
+
+    random_prob: float = 0.1
+    """A chosen span becomes random regular tokens with this probability (else it is kept)."""
+
+    num_special_tokens: int = 16
+    """Ids below this are special: never chosen, never scored."""
+
     attention: Literal["document", "causal"] = "document"
+    """document: block-diagonal over the packed documents; causal: over the whole sequence."""
+
     seed: int = 1234
+    """Seed of the objective (modes, spans): they depend on it and the global sample index only."""
 
     def __post_init__(self):
         if not 0.0 <= self.masked_fraction <= 1.0:
@@ -111,7 +134,7 @@ class ObjectiveConfig:
             raise ValueError(f"num_special_tokens must be an integer >= 0, got {self.num_special_tokens}")
         if self.attention not in ("document", "causal"):
             raise ValueError(f"attention must be 'document' or 'causal', got {self.attention!r}")
-        if int(self.seed) != self.seed or not 0 <= self.seed <= _U64:
+        if int(self.seed) != self.seed or not 0 <= self.seed <= U64:
             raise ValueError(f"seed must be an integer in [0, 2**64), got {self.seed}")
 
     # Integer parameters shared by both backends (computed once, here, for both).
@@ -136,59 +159,27 @@ def _threshold(p: float) -> int:
     return max(0, min(_ONE53, round(p * _ONE53)))
 
 
-@functools.lru_cache(maxsize=4)
-def _future(s: int) -> np.ndarray:
-    """[s, s] bool, True where key j > query i (the causal mask). Cached, read-only, never handed out."""
-    m = np.triu(np.ones((s, s), dtype=bool), 1)
-    m.flags.writeable = False
-    return m
-
-
-def _check_backend(backend: str) -> None:
-    if backend not in ("cpp", "numpy"):
-        raise ValueError(f"backend must be 'cpp' or 'numpy', got {backend!r}")
+def _check_backend(backend: str) -> str:
+    """'cpp' or 'reference' ('numpy', this module's old name for the reference, still works)."""
+    return check_backend(backend, old_name="numpy")
 
 
 # ----------------------------------------------------------------------------- numpy reference
 
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-    """splitmix64 of each element of a uint64 array (wrapping arithmetic)."""
-    x = np.asarray(x, dtype=np.uint64)
-    with np.errstate(over="ignore"):
-        z = x + np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return z ^ (z >> np.uint64(31))
-
-
-def _sample_keys(seed: int, indices: np.ndarray) -> np.ndarray:
-    s = _splitmix64(np.array([seed], dtype=np.uint64))[0]
-    return _splitmix64(np.asarray(indices, dtype=np.uint64) ^ s)
-
-
-def _draws(key: np.uint64, salt: int, n: int) -> np.ndarray:
+def _draws(key: int, salt: int, n: int) -> np.ndarray:
     """Draws 0..n-1 of the stream ``salt`` of one sample key."""
-    ks = _splitmix64(np.array([key], dtype=np.uint64) ^ np.uint64(salt))[0]
-    with np.errstate(over="ignore"):
-        return _splitmix64(ks + np.arange(n, dtype=np.uint64))
+    return draw(derive_key(key, salt), np.arange(n, dtype=np.uint64))
 
 
-def _bounded(x: np.ndarray, n: int) -> np.ndarray:
-    """((x >> 32) * n) >> 32, an integer in [0, n) (n < 2**32)."""
-    return ((np.asarray(x, dtype=np.uint64) >> np.uint64(32)) * np.uint64(n)) >> np.uint64(32)
+def _modes_reference(seed: int, indices: np.ndarray, threshold: int) -> np.ndarray:
+    return (draw(key_path(seed, indices, _SALT_MODE), 0) >> np.uint64(11)) < np.uint64(threshold)
 
 
-def _modes_numpy(seed: int, indices: np.ndarray, threshold: int) -> np.ndarray:
-    keys = _sample_keys(seed, indices)
-    ks = _splitmix64(keys ^ np.uint64(_SALT_MODE))
-    return (_splitmix64(ks) >> np.uint64(11)) < np.uint64(threshold)
-
-
-def _corrupt_numpy(x: np.ndarray, global_index: int, config: ObjectiveConfig, mask_id: int,
-                   vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+def _corrupt_reference(x: np.ndarray, global_index: int, config: ObjectiveConfig, mask_id: int,
+                       vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
     n = len(x)
     ns = config.num_special_tokens
-    key = _sample_keys(config.seed, np.array([global_index]))[0]
+    key = key_path(config.seed, global_index)
     out = x.copy()
     chosen = np.zeros(n, dtype=bool)
 
@@ -196,7 +187,7 @@ def _corrupt_numpy(x: np.ndarray, global_index: int, config: ObjectiveConfig, ma
     maskable = x >= ns
     maskable[0] = False
     L = int(maskable.sum())
-    span_len = 1 + _bounded(_draws(key, _SALT_SPAN, n), config.max_span).astype(np.int64)
+    span_len = 1 + bounded32(_draws(key, _SALT_SPAN, n), config.max_span).astype(np.int64)
     spans: list[tuple[int, int]] = []
     j = 1
     while j < n:
@@ -220,12 +211,12 @@ def _corrupt_numpy(x: np.ndarray, global_index: int, config: ObjectiveConfig, ma
     n_spans = len(spans)
     order_draws = _draws(key, _SALT_ORDER, n_spans)
     action_u = _draws(key, _SALT_ACTION, n_spans) >> np.uint64(11)
-    random_tok = ns + _bounded(_draws(key, _SALT_RANDOM, n), vocab_size - ns).astype(np.int64)
+    random_tok = ns + bounded32(_draws(key, _SALT_RANDOM, n), vocab_size - ns).astype(np.int64)
     order = list(range(n_spans))
     got = 0
     t = 0
     while got < target:  # partial Fisher-Yates; target <= L guarantees termination
-        r = t + int(_bounded(order_draws[t:t + 1], n_spans - t)[0])
+        r = t + bounded32(int(order_draws[t]), n_spans - t)
         order[t], order[r] = order[r], order[t]
         k = order[t]
         start, length = spans[k]
@@ -246,7 +237,7 @@ def _corrupt_numpy(x: np.ndarray, global_index: int, config: ObjectiveConfig, ma
 
 def sample_modes(seed: int, global_indices, masked_fraction: float, backend: str = "cpp") -> np.ndarray:
     """Mode of each global sample index: True = masked (MNTP), False = causal."""
-    _check_backend(backend)
+    backend = _check_backend(backend)
     idx = np.ascontiguousarray(global_indices, dtype=np.int64).reshape(-1)
     if (idx < 0).any():
         raise ValueError("global indices must be >= 0")
@@ -255,7 +246,7 @@ def sample_modes(seed: int, global_indices, masked_fraction: float, backend: str
     thr = _threshold(masked_fraction)
     if backend == "cpp":
         return _helpers.objective_sample_modes(int(seed), idx, thr)
-    return _modes_numpy(int(seed), idx, thr)
+    return _modes_reference(int(seed), idx, thr)
 
 
 def _check_vocab(x: np.ndarray, config: ObjectiveConfig, mask_id: int, vocab_size: int) -> None:
@@ -274,7 +265,7 @@ def corrupt(sample, global_index: int, config: ObjectiveConfig, mask_id: int, vo
     Returns ``(corrupted, chosen)``: an int64 copy with the chosen spans corrupted, and a bool
     array marking the chosen positions (exactly ``floor(L * mask_rate)`` of them).
     """
-    _check_backend(backend)
+    backend = _check_backend(backend)
     x = np.ascontiguousarray(sample, dtype=np.int64)
     _check_vocab(x, config, mask_id, vocab_size)
     if global_index < 0:
@@ -287,17 +278,22 @@ def corrupt(sample, global_index: int, config: ObjectiveConfig, mask_id: int, vo
                                           int(vocab_size))
     if x.min() < 0 or x.max() >= vocab_size:
         raise ValueError(f"token ids outside [0, vocab_size={vocab_size})")
-    return _corrupt_numpy(x, int(global_index), config, int(mask_id), int(vocab_size))
+    return _corrupt_reference(x, int(global_index), config, int(mask_id), int(vocab_size))
 
 
 def build_batch(samples: Sequence[np.ndarray], global_indices: Sequence[int], config: ObjectiveConfig, *,
-                eod_id: int, mask_id: int, vocab_size: int, backend: str = "cpp") -> dict[str, torch.Tensor]:
+                eod_id: int, mask_id: int, vocab_size: int, backend: str = "cpp",
+                dense_mask: bool = False, bos_id: int | None = None) -> dict[str, torch.Tensor]:
     """One micro-batch of the hybrid objective from ``b`` samples of ``s + 1`` tokens each.
 
     Returns torch tensors: tokens/labels int64 [b, s], loss_mask float32 [b, s], position_ids
-    int64 [b, s], attention_mask bool [b, 1, s, s] (True = masked out), masked bool [b].
+    int64 [b, s], and the attention as a description: document_ids int32 [b, s] and masked
+    bool [b] (the mode of each sample). ``dense_mask``: also the same attention as megatron-core's
+    dense mask, attention_mask bool [b, 1, s, s] (True = masked out), for tests and references;
+    training never needs it (every attention backend reads the description). ``bos_id``: a
+    BOS token also starts a document (corpora written with BOS but without EOD).
     """
-    _check_backend(backend)
+    backend = _check_backend(backend)
     if len(samples) != len(global_indices) or len(samples) == 0:
         raise ValueError(f"need one global index per sample and b >= 1, got {len(samples)} samples "
                          f"and {len(global_indices)} indices")
@@ -323,38 +319,31 @@ def build_batch(samples: Sequence[np.ndarray], global_indices: Sequence[int], co
             loss_mask[i] = x[1:] >= config.num_special_tokens
 
     masked = torch.from_numpy(modes.astype(bool))
-    tokens = torch.from_numpy(inp[:, :-1].copy())
-    labels = torch.from_numpy(orig[:, 1:].copy())
-    position_ids = torch.arange(s, dtype=torch.int64).unsqueeze(0).repeat(b, 1)
-
-    # Built in numpy and handed over without a copy: numpy fills and block-copies bool arrays
-    # about 10x faster than torch's strided bool copies here (measured, s=4096).
-    upper = _future(s)                                       # [s, s], True where j > i (cached)
-    attn = np.empty((b, s, s), dtype=bool)
-    for i in range(b):
-        if config.attention == "causal":
-            if modes[i]:
-                attn[i] = False
-            else:
-                attn[i] = upper
-            continue
-        # Documents are contiguous blocks, each ending with its EOD: everything outside the
-        # diagonal blocks is masked out; a block is causal (causal mode) or open (masked mode).
-        # This writes s*s + sum(block^2) bytes, far less work than comparing document ids.
-        attn[i] = True
-        ends = (np.flatnonzero(orig[i, :-2] == eod_id) + 1).tolist() + [s]  # a block ends after its EOD
-        start = 0
-        for end in ends:
-            if modes[i]:
-                attn[i, start:end, start:end] = False
-            else:
-                attn[i, start:end, start:end] = upper[: end - start, : end - start]
-            start = end
-    return {
-        "tokens": tokens,
-        "labels": labels,
+    batch = {
+        "tokens": torch.from_numpy(inp[:, :-1].copy()),
+        "labels": torch.from_numpy(orig[:, 1:].copy()),
         "loss_mask": torch.from_numpy(loss_mask),
-        "position_ids": position_ids,
-        "attention_mask": torch.from_numpy(attn).unsqueeze(1),
+        "position_ids": torch.arange(s, dtype=torch.int64).unsqueeze(0).repeat(b, 1),
+        "document_ids": torch.from_numpy(document_ids(orig[:, :-1], eod_id, config.attention, bos_id)),
         "masked": masked,
     }
+    if dense_mask:
+        from megatron_normistral.model.attention import dense_attention_mask
+
+        batch["attention_mask"] = dense_attention_mask(batch["document_ids"], masked)
+    return batch
+
+
+def document_ids(tokens: np.ndarray, eod_id: int, attention: Literal["document", "causal"],
+                 bos_id: int | None = None) -> np.ndarray:
+    """int32 ``[b, s]``: the document of each input token within its sample. A document ends
+    with its EOD (the token after an EOD starts the next one) and, with ``bos_id``, a BOS
+    starts one (``</s> <s>`` is one boundary, not two); documents are read from the original,
+    uncorrupted tokens. ``attention='causal'``: one document per sample."""
+    ids = np.zeros(tokens.shape, dtype=np.int32)
+    if attention == "document":
+        starts = tokens[:, :-1] == eod_id  # position j + 1 starts a document
+        if bos_id is not None:
+            starts |= tokens[:, 1:] == bos_id
+        np.cumsum(starts, axis=1, dtype=np.int32, out=ids[:, 1:])
+    return ids

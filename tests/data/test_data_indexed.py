@@ -22,13 +22,13 @@ def test_cpp_writer_byte_identical_to_python_reference(tmp_path, dtype, vocab):
     # Multi-sequence documents too (sentence splitting): 2 batches, different shapes.
     seqs = _random_docs(rng, 40, vocab)
     counts = [1, 3, 2, 4, 10, 20]
-    for backend in ("cpp", "python"):
+    for backend in ("cpp", "reference"):
         with IndexedDatasetWriter(tmp_path / backend, dtype, backend=backend) as w:
             w.add_documents(docs[:100])
             w.add_packed(np.array([t for d in docs[100:] for t in d], dtype=dtype), [len(d) for d in docs[100:]])
             w.add_packed(np.array([t for s in seqs for t in s], dtype=dtype), [len(s) for s in seqs], counts)
     for ext in (".bin", ".idx"):
-        a, b = (tmp_path / f"cpp{ext}").read_bytes(), (tmp_path / f"python{ext}").read_bytes()
+        a, b = (tmp_path / f"cpp{ext}").read_bytes(), (tmp_path / f"reference{ext}").read_bytes()
         assert len(a) > 0 and a == b, ext
 
 
@@ -72,7 +72,7 @@ def test_token_dtype_for():
 
 
 def test_out_of_range_token_is_refused(tmp_path):
-    for backend in ("cpp", "python"):
+    for backend in ("cpp", "reference"):
         w = IndexedDatasetWriter(tmp_path / backend, np.uint8, backend=backend)
         with pytest.raises(ValueError):
             w.add_documents([[1, 2, 256]])
@@ -89,7 +89,7 @@ def test_failed_write_leaves_no_dataset_and_keeps_the_old_one(tmp_path):
             w.add_documents([[4, 5, 6, 7]])
             raise RuntimeError("interrupted")
     assert ((tmp_path / "d.bin").read_bytes(), (tmp_path / "d.idx").read_bytes()) == old
-    assert sorted(os.listdir(tmp_path)) == ["d.bin", "d.idx"]  # temporaries removed
+    assert sorted(os.listdir(tmp_path)) == ["d.bin", "d.idx", "d.stats.json"]  # temporaries removed
     with IndexedDatasetWriter(tmp_path / "new", np.uint16) as w:
         w.add_documents([[1]])
         assert not (tmp_path / "new.bin").exists() and not (tmp_path / "new.idx").exists()  # only at commit
@@ -106,7 +106,7 @@ def test_merge_concatenates_documents(tmp_path):
     flat = [d for docs in parts for d in docs]
     assert merged.num_documents == len(flat)
     assert [merged[i].tolist() for i in range(len(flat))] == flat
-    with IndexedDatasetWriter(tmp_path / "ref", np.uint16, backend="python") as w:
+    with IndexedDatasetWriter(tmp_path / "ref", np.uint16, backend="reference") as w:
         w.add_documents(flat)
     assert (tmp_path / "m.bin").read_bytes() == (tmp_path / "ref.bin").read_bytes()
     assert (tmp_path / "m.idx").read_bytes() == (tmp_path / "ref.idx").read_bytes()

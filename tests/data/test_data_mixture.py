@@ -2,6 +2,7 @@
 and mid-run mixture changes."""
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -13,8 +14,9 @@ import pytest
 from megatron_normistral import _helpers
 from megatron_normistral.data.indexed import IndexedDatasetWriter, IndexedReader
 from megatron_normistral.data.mixture import (CorpusSpec, EpochCapError, MixtureConfig, MixtureDataset,
-                                              build_index_arrays, compute_plan, reference_epoch_permutation,
-                                              reference_mixture_index)
+                                              build_index_arrays, compute_plan, plan_phases,
+                                              reference_epoch_permutation, reference_mixture_index,
+                                              reference_prefix_counts)
 
 L = 8
 BASE = 100_000  # corpus c's token at stream position t is c*BASE + t: windows are identifiable
@@ -105,6 +107,19 @@ def test_index_cpp_equals_reference(case):
     assert np.array_equal(oc, rc) and np.array_equal(ow, rw)
     for c in range(K):
         assert int((oc == slots[c]).sum()) == samples[c]
+    # A phase cut short by a later change: the first n samples of the same interleaving, and
+    # each corpus's count among them (where the next phase starts its counter).
+    n = int(rng.integers(0, N + 1))
+    cc, cw = np.empty(n, np.uint8), np.empty(n, np.uint32)
+    _helpers.build_mixture_index(samples, start, windows, slots, 99, cc, cw, leaf)
+    assert np.array_equal(cc, oc[:n]) and np.array_equal(cw, ow[:n])
+    assert np.array_equal(reference_mixture_index(samples, start, windows, slots, 99, leaf=leaf, length=n)[1], cw)
+    counts = _helpers.mixture_prefix_counts(samples, n)
+    assert np.array_equal(counts, reference_prefix_counts(samples, n))
+    assert counts.tolist() == [int((cc == slots[c]).sum()) for c in range(K)]
+    with pytest.raises(ValueError, match="at most sum"):
+        _helpers.build_mixture_index(samples, start, windows, slots, 99, np.empty(N + 1, np.uint8),
+                                     np.empty(N + 1, np.uint32), leaf)
 
 
 def test_index_deterministic_smooth_and_shuffled_per_epoch(corpora):
@@ -179,33 +194,127 @@ def test_changed_corpus_or_config_is_never_reused(corpora, tmp_path):
     assert len(os.listdir(cache)) == 5
 
 
-def test_mid_run_mixture_change(corpora, tmp_path):
-    K, N = 700, 2000
-    cfg_a = _cfg(corpora, weights=(0.6, 0.1, 0.3))
-    cfg_b = _cfg(corpora, weights=(0.2, 0.5, 0.3), caps=(10, 40, 10))
-    only_a = MixtureDataset(cfg_a, N, verbose=False)
-    ab = MixtureDataset(cfg_a, N, cache_dir=tmp_path / "c", changes=[(K, cfg_b)], log=io.StringIO())
-    ca, wa = np.asarray(ab.corpus_ids), np.asarray(ab.window_ids)
-    # What was consumed before the change is exactly what a run without the change saw.
-    assert np.array_equal(ca[:K], np.asarray(only_a.corpus_ids)[:K])
-    assert np.array_equal(wa[:K], np.asarray(only_a.window_ids)[:K])
-    # From K on the new weights apply.
-    plan_b = ab.plans[1]
+def _stream(n, seed, slot, length):
+    """Corpus ``slot``'s shuffled window stream (epoch after epoch), its first ``length``."""
+    return np.concatenate([reference_epoch_permutation(n, seed, slot, e) for e in range(length // n + 1)])[:length]
+
+
+def _uneven(corpora):  # weights whose shares of a prefix never round as those of the whole run
+    return (_cfg(corpora, weights=(0.55, 0.13, 0.32)),
+            _cfg(corpora, weights=(0.21, 0.47, 0.32), caps=(10, 40, 10)))
+
+
+@pytest.mark.parametrize("K", [1, 333, 701, 1234, 1999])
+def test_mid_run_change_keeps_what_was_consumed(corpora, tmp_path, K):
+    """The user's case: a run planned for N samples with mixture A stops after K samples; it is
+    restarted with a change to B at K. What it already read must stay what it read, and each
+    corpus must go on where it stopped."""
+    N = 2000
+    cfg_a, cfg_b = _uneven(corpora)
+    original = MixtureDataset(cfg_a, N, cache_dir=tmp_path / "c", log=io.StringIO())
+    changed = MixtureDataset(cfg_a, N, cache_dir=tmp_path / "c", changes=[(K, cfg_b)], log=io.StringIO())
+    oc, ow = np.asarray(original.corpus_ids), np.asarray(original.window_ids)
+    cc, cw = np.asarray(changed.corpus_ids), np.asarray(changed.window_ids)
+    assert np.array_equal(cc[:K], oc[:K]) and np.array_equal(cw[:K], ow[:K])
+    # What the two runs really read: the original's [0, K), then the changed run's [K, N).
+    read_c, read_w = np.concatenate([oc[:K], cc[K:]]), np.concatenate([ow[:K], cw[K:]])
+    plan_a, plan_b = changed.plans
     assert plan_b.start_sample == K and plan_b.train_samples == N - K
-    assert [int((ca[K:] == c).sum()) for c in range(3)] == [c.samples for c in plan_b.corpora]
-    assert [c.samples for c in plan_b.corpora] == [260, 650, 390]
-    # Per corpus, the whole run reads its shuffled stream in order: nothing consumed before K
-    # is repeated early, nothing is skipped (repetition only after a full epoch).
     for c in range(3):
-        n = ab.plans[0].corpora[c].windows_per_epoch
-        used = wa[ca == c]
-        stream = np.concatenate([reference_epoch_permutation(n, 5, c, e) for e in range(len(used) // n + 1)])
-        assert np.array_equal(used, stream[:len(used)])
-        assert plan_b.corpora[c].start_counter == int((ca[:K] == c).sum())
-    # Plans of both phases saved with the run.
-    ab.save_plan(tmp_path / "plan.json")
+        n = plan_a.corpora[c].windows_per_epoch
+        reads = read_w[read_c == c]
+        # Each window (corpus, position) at most once per epoch, every one in a whole epoch ...
+        for e in range(0, len(reads), n):
+            epoch = reads[e:e + n]
+            assert len(np.unique(epoch)) == len(epoch)
+            assert len(epoch) < n or np.array_equal(np.sort(epoch), np.arange(n))
+        # ... and in the stream's order: nothing skipped, nothing repeated across the change.
+        assert np.array_equal(reads, _stream(n, 5, c, len(reads)))
+        # Epoch accounting: the plans count what the index holds.
+        before, after = int((oc[:K] == c).sum()), int((cc[K:] == c).sum())
+        assert plan_a.corpora[c].samples == before and plan_b.corpora[c].start_counter == before
+        assert plan_b.corpora[c].samples == after
+        assert plan_b.corpora[c].epochs_by_end == pytest.approx(len(reads) / n)
+    assert [c.samples for c in plan_b.corpora] == [c.samples for c in compute_plan(cfg_b, N - K).corpora]
+    # The resume check: the first K samples are recognisably unchanged, later ones are not.
+    assert changed.consumed_fingerprint(K) == original.consumed_fingerprint(K)
+    assert changed.fingerprint != original.fingerprint
+    if K < N - 1:
+        assert changed.consumed_fingerprint(K + 1) != original.consumed_fingerprint(K + 1)
+    changed.save_plan(tmp_path / "plan.json")
     d = json.loads((tmp_path / "plan.json").read_text())
     assert [p["start_sample"] for p in d["phases"]] == [0, K]
+    assert d["phases"][0]["planned_samples"] == N and d["phases"][0]["train_samples"] == K
+
+
+def test_mid_run_change_plan_table_counts_earlier_phases(corpora):
+    K, N = 701, 2000
+    cfg_a, cfg_b = _uneven(corpora)
+    plan_a, plan_b = MixtureDataset(cfg_a, N, changes=[(K, cfg_b)], verbose=False).plans
+    se_b = plan_b.corpora[1]
+    assert se_b.epochs_by_end == pytest.approx((plan_a.corpora[1].samples + se_b.samples) / 42)
+    assert "run ep" in plan_b.table() and f"{se_b.epochs_by_end:.2f}" in plan_b.table()
+    assert "run ep" not in plan_a.table() and "cut there" in plan_a.table()
+
+
+def test_a_later_change_leaves_earlier_phases_alone(corpora):
+    """Changes made one after the other: each restart keeps everything before its change."""
+    N, K1, K2 = 2000, 500, 1333
+    cfg_a, cfg_b = _uneven(corpora)
+    cfg_c = _cfg(corpora, weights=(0.3, 0.3, 0.4), caps=(10, 40, 10))
+    one = MixtureDataset(cfg_a, N, changes=[(K1, cfg_b)], verbose=False)
+    two = MixtureDataset(cfg_a, N, changes=[(K1, cfg_b), (K2, cfg_c)], verbose=False)
+    assert np.array_equal(np.asarray(two.corpus_ids)[:K2], np.asarray(one.corpus_ids)[:K2])
+    assert np.array_equal(np.asarray(two.window_ids)[:K2], np.asarray(one.window_ids)[:K2])
+    assert two.consumed_fingerprint(K2) == one.consumed_fingerprint(K2) != two.consumed_fingerprint(K2 + 1)
+    # A change placed before what was consumed alters it, and the resume check says so.
+    early = MixtureDataset(cfg_a, N, changes=[(K1 - 10, cfg_b)], verbose=False)
+    assert early.consumed_fingerprint(K1) != one.consumed_fingerprint(K1)
+    assert early.consumed_fingerprint(K1 - 10) == one.consumed_fingerprint(K1 - 10)
+    # Another run length re-plans the first phase: also detected.
+    assert MixtureDataset(cfg_a, N + 8, changes=[(K1, cfg_b)], verbose=False).consumed_fingerprint(K1) != \
+        one.consumed_fingerprint(K1)
+    # The multi-phase index equals its Python reference.
+    ref = build_index_arrays(list(zip(plan_phases(two._phases, N, {p: t for p, t in zip(
+        two.prefixes, [c.tokens for c in two.plans[0].corpora])}, backend="reference"), [[0, 1, 2]] * 3)), 5,
+        backend="reference")
+    assert np.array_equal(ref[0], np.asarray(two.corpus_ids)) and np.array_equal(ref[1], np.asarray(two.window_ids))
+
+
+def test_resume_note_tells_a_change_after_the_consumed_samples_from_one_before(corpora):
+    N, K, step = 2000, 800, 100  # resumed at step 100 of 8 samples: 800 consumed
+    cfg_a, cfg_b = _uneven(corpora)
+    original = MixtureDataset(cfg_a, N, verbose=False)
+    saved = (original.fingerprint, original.consumed_fingerprint(K))
+    assert original.resume_note(K, step, *saved) is None
+    for at in (K, K + 80):  # the change at the resume point, or later: a note
+        note = MixtureDataset(cfg_a, N, changes=[(at, cfg_b)], verbose=False).resume_note(K, step, *saved)
+        assert note.startswith("mixture: ") and "only after the 800 samples consumed" in note
+    early = MixtureDataset(cfg_a, N, changes=[(K - 8, cfg_b)], verbose=False)  # alters what was read
+    note = early.resume_note(K, step, *saved)
+    assert note.startswith("WARNING: the first 800 samples") and "at_step >= 100" in note
+    assert "cannot tell" in early.resume_note(K, step, saved[0], None)  # a checkpoint from before the check
+
+
+def test_cut_phase_epoch_caps(corpora):
+    """A first phase cut short is checked for what it reads; its interleaving is the one a run
+    without the change used (redistributed when that run redistributed)."""
+    N, K = 2000, 300
+    heavy_se = _cfg(corpora, weights=(0.4, 0.3, 0.3), caps=(10, 4, 10))  # se over the run: 14 epochs > 4
+    _, cfg_b = _uneven(corpora)
+    with pytest.raises(EpochCapError, match="'se'"):
+        MixtureDataset(heavy_se, N, verbose=False)
+    plan_a = MixtureDataset(heavy_se, N, changes=[(K, cfg_b)], verbose=False).plans[0]
+    assert [c.samples for c in plan_a.corpora] == [120, 90, 90]  # configured weights: 90 = 2.1 epochs
+    assert any("checked for the samples of this phase only" in n for n in plan_a.notes)
+    with pytest.raises(EpochCapError, match=r"phase \[0, 1,000\).*'se'.*above max_epochs=4"):
+        MixtureDataset(heavy_se, N, changes=[(1000, cfg_b)], verbose=False)  # 300 = 7.1 epochs
+    redistributed = dataclasses.replace(heavy_se, allow_redistribute=True)
+    original = MixtureDataset(redistributed, N, verbose=False)
+    changed = MixtureDataset(redistributed, N, changes=[(K, cfg_b)], verbose=False)
+    assert np.array_equal(np.asarray(changed.window_ids)[:K], np.asarray(original.window_ids)[:K])
+    assert np.array_equal(np.asarray(changed.corpus_ids)[:K], np.asarray(original.corpus_ids)[:K])
+    assert any("capped" in n for n in changed.plans[0].notes)
 
 
 def test_mid_run_change_validation(corpora):
@@ -249,4 +358,4 @@ def test_plan_mixture_cli(tmp_path):
     assert 14 < se["epochs"] < 16
     # Ten times the run: Sámi would need ~150 epochs > its cap of 16 -> error naming it.
     p = subprocess.run(cmd[:4] + ["600000"] + cmd[5:7], capture_output=True, text=True, timeout=60)
-    assert p.returncode == 1 and "'se'" in p.stderr and "max_epochs=16" in p.stderr
+    assert p.returncode == 2 and "'se'" in p.stderr and "max_epochs=16" in p.stderr

@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from megatron_normistral.data.indexed import IndexedReader, merge_indexed
-from megatron_normistral.data.preprocess import BadInputError, PreprocessConfig, preprocess
+from megatron_normistral.data.indexed import IndexedReader, corpus_max_token_id, merge_indexed, read_stats_sidecar
+from megatron_normistral.data.preprocess import BadInputError, PreprocessConfig, iter_blocks, preprocess
+from megatron_normistral.testing.tool_runs import failed_cleanly, run_tool_script
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -31,6 +32,11 @@ def _write_jsonl(path: Path, texts, gz=False):
     else:
         path.write_text(data, encoding="utf-8")
     return path
+
+
+def _doc(tokenizer, text, eod=False) -> list[int]:
+    """What preprocessing writes for one document by default: <s> text (</s>)."""
+    return [tokenizer.bos_id] + tokenizer.encode(text) + ([tokenizer.eod_id] if eod else [])
 
 
 def _cfg(inputs, prefix, spm_model, **kw):
@@ -57,7 +63,8 @@ def test_tokens_equal_tokenizer_encoding(tmp_path, small_inputs, spm_model, toke
     r = IndexedReader(tmp_path / "out")
     assert r.dtype == np.uint16  # vocab 800: too big for uint8
     assert r.num_documents == len(texts) == res.documents
-    expect = [tokenizer.encode(t) + ([tokenizer.eod_id] if eod else []) for t in texts]
+    expect = [_doc(tokenizer, t, eod) for t in texts]
+    assert tokenizer.bos_id == 1 and res.bos_id == 1
     assert [r[i].tolist() for i in range(len(texts))] == expect
     assert [f.documents for f in res.files] == [12, 12, 12] and res.tokens == sum(map(len, expect))
     out = log.getvalue()
@@ -82,11 +89,11 @@ def test_segment_cache_output_byte_identical(tmp_path, small_inputs, spm_model):
 
 def test_python_writer_pipeline_byte_identical(tmp_path, small_inputs, spm_model):
     d, _ = small_inputs
-    for backend in ("cpp", "python"):
+    for backend in ("cpp", "reference"):
         preprocess(_cfg([str(d / "*")], tmp_path / backend, spm_model, workers=0, append_eod=True,
                         backend=backend, chunk_bytes=10_000), log=io.StringIO())
     for ext in (".bin", ".idx"):
-        assert (tmp_path / f"cpp{ext}").read_bytes() == (tmp_path / f"python{ext}").read_bytes()
+        assert (tmp_path / f"cpp{ext}").read_bytes() == (tmp_path / f"reference{ext}").read_bytes()
 
 
 BAD_LINES = [
@@ -123,7 +130,7 @@ def test_bad_input_skipped_counted_and_reported_with_file_line(tmp_path, spm_mod
     assert res.files[0].skipped == nbad and res.files[0].documents == 2
     assert sum(res.skipped_by_reason.values()) == nbad
     r = IndexedReader(tmp_path / "out")
-    assert [r[0].tolist(), r[1].tolist()] == [tokenizer.encode("Dette er bra."), tokenizer.encode("Også bra.")]
+    assert [r[0].tolist(), r[1].tolist()] == [_doc(tokenizer, "Dette er bra."), _doc(tokenizer, "Også bra.")]
 
 
 def test_only_first_20_bad_lines_in_full_then_counts(tmp_path, spm_model):
@@ -150,7 +157,7 @@ def test_strict_cli_exit_code(tmp_path, spm_model):
     p = subprocess.run([sys.executable, str(ROOT / "tools" / "preprocess_data.py"), "--input", str(src),
                         "--output-prefix", str(tmp_path / "o"), "--tokenizer", spm_model, "--workers", "1",
                         "--strict"], capture_output=True, text=True, timeout=120)
-    assert p.returncode == 1 and "bad.jsonl:2: malformed JSON" in p.stderr
+    assert p.returncode == 2 and "bad.jsonl:2: malformed JSON" in p.stderr
     assert not (tmp_path / "o.idx").exists() and not (tmp_path / "o.bin").exists()
 
 
@@ -197,8 +204,10 @@ def test_shards_then_merge_hold_every_document(tmp_path, small_inputs, spm_model
     assert mod.main(["--input", str(tmp_path / "sh-*-of-00003"), "--output-prefix", str(tmp_path / "merged")]) == 0
     m = IndexedReader(tmp_path / "merged")
     got = sorted(tuple(m[i].tolist()) for i in range(m.num_documents))
-    assert got == sorted(tuple(tokenizer.encode(t) + [tokenizer.eod_id]) for t in texts)
+    assert got == sorted(tuple(_doc(tokenizer, t, eod=True)) for t in texts)
     assert merge_indexed(res.outputs, tmp_path / "m2").num_tokens == res.tokens
+    stats, _ = read_stats_sidecar(tmp_path / "merged")  # the merge keeps the shards' document format
+    assert (stats.bos, stats.eod) == (True, True)
 
 
 def test_split_sentences(tmp_path, spm_model, tokenizer):
@@ -212,8 +221,8 @@ def test_split_sentences(tmp_path, spm_model, tokenizer):
     assert r.document_indices.tolist() == [0, 3, 4]
     sents = PunktSentenceTokenizer().tokenize(texts[0])
     assert len(sents) == 3
-    assert [x.tolist() for x in r.document(0)] == [tokenizer.encode(s) for s in sents[:2]] + \
-        [tokenizer.encode(sents[2]) + [tokenizer.eod_id]]
+    assert [x.tolist() for x in r.document(0)] == [_doc(tokenizer, sents[0]), tokenizer.encode(sents[1]),
+                                                   tokenizer.encode(sents[2]) + [tokenizer.eod_id]]
 
 
 def test_cli_help_explains_every_flag():
@@ -222,7 +231,7 @@ def test_cli_help_explains_every_flag():
     assert p.returncode == 0
     for flag in ("--input", "--output-prefix", "--tokenizer", "--workers", "--json-key", "--append-eod",
                  "--split-sentences", "--strict", "--shards", "--chunk-mb", "--writer", "--max-reported",
-                 "--no-segment-cache", "--progress-interval"):
+                 "--no-segment-cache", "--progress-interval", "--max-document-mb", "--no-bos"):
         assert flag in p.stdout
 
 
@@ -242,4 +251,109 @@ def test_tekken_and_hugging_face_tokenizers(tmp_path, corpus_texts):
         preprocess(_cfg([src], tmp_path / "out", spec, workers=1, append_eod=True), log=io.StringIO())
         r = IndexedReader(tmp_path / "out")
         assert r.dtype == dtype
-        assert [r[i].tolist() for i in range(len(texts))] == [tok.encode(t) + [tok.eod_id] for t in texts]
+        assert [r[i].tolist() for i in range(len(texts))] == [_doc(tok, t, eod=True) for t in texts]
+
+
+def test_sidecar_holds_the_token_id_range(tmp_path, small_inputs, spm_model, tokenizer):
+    d, texts = small_inputs
+    preprocess(_cfg([str(d / "*")], tmp_path / "out", spm_model, workers=0, append_eod=True), log=io.StringIO())
+    ids = [i for t in texts for i in _doc(tokenizer, t, eod=True)]
+    stats, _ = read_stats_sidecar(tmp_path / "out")
+    assert (stats.max_token_id, stats.min_token_id, stats.tokens, stats.documents) == (max(ids), min(ids), len(ids),
+                                                                                       len(texts))
+    assert corpus_max_token_id(tmp_path / "out") == max(ids)
+
+
+# ---- inputs that end the run: exit 2, one line naming the file and the reason, no output ---
+def _run_tool(src, out_prefix, spm_model, *extra, **kw):
+    return run_tool_script("preprocess_data", "--input", src, "--output-prefix", out_prefix, "--tokenizer", spm_model,
+                           "--progress-interval", "0", *extra, **kw)
+
+
+def _nothing_written(folder: Path) -> None:
+    assert not folder.exists() or sorted(os.listdir(folder)) == [], sorted(os.listdir(folder))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not gzip"])
+def test_damaged_gz_fails_naming_the_file(tmp_path, spm_model, corpus_dir, damage):
+    src = tmp_path / "nb.jsonl.gz"
+    data = (corpus_dir / "nb.jsonl.gz").read_bytes()
+    src.write_bytes(data[: len(data) // 2] if damage == "truncated" else gzip.decompress(data)[:5000])
+    p = _run_tool(src, tmp_path / "out" / "nb", spm_model, "--workers", "1", "--chunk-mb", "0.01")
+    want = ["the gzip stream ends early", "after line"] if damage == "truncated" else ["corrupt gzip data"]
+    failed_cleanly(p, f"{src}:", *want, "nothing was written")
+    _nothing_written(tmp_path / "out")
+
+
+@pytest.mark.parametrize("writer,workers", [("cpp", "1"), ("reference", "0")])
+def test_full_disk_fails_naming_the_file_and_the_os_error(tmp_path, spm_model, corpus_dir, writer, workers):
+    import resource
+
+    def small_file_limit():  # the kernel refuses writes past 64 KiB with EFBIG (Python ignores SIGXFSZ)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))
+
+    out = tmp_path / "out"
+    p = _run_tool(corpus_dir / "nb.jsonl.gz", out / "nb", spm_model, "--workers", workers, "--writer", writer,
+                  preexec_fn=small_file_limit)
+    failed_cleanly(p, f"error: {out / 'nb'}.bin.tmp-", "File too large (EFBIG)", "ulimit -f")
+    _nothing_written(out)
+
+
+@pytest.mark.parametrize("case", ["wrong --json-key", "empty file", "second of two inputs empty", "--strict"])
+def test_input_without_documents_fails(tmp_path, spm_model, case):
+    src = _write_jsonl(tmp_path / "in.jsonl", ["Dette er bra.", "Også bra."])
+    inputs, extra = [src], ["--workers", "0"]
+    if case == "wrong --json-key":
+        extra += ["--json-key", "txt"]
+        want = [f"{src}: no documents: all 2 lines were skipped (first: line 1: missing key 'txt'); check --json-key"]
+    elif case == "--strict":
+        extra += ["--json-key", "txt", "--strict"]
+        want = [f"{src}:1: missing key 'txt'"]
+    else:
+        empty = tmp_path / "empty.jsonl"
+        empty.write_text("")
+        inputs = [empty] if case == "empty file" else [src, empty]
+        want = [f"{empty}: no documents: the file is empty"]
+    p = run_tool_script("preprocess_data", "--input", *inputs, "--output-prefix", tmp_path / "out" / "ds",
+                        "--tokenizer", spm_model, *extra)
+    failed_cleanly(p, *want)
+    _nothing_written(tmp_path / "out")
+
+
+def test_reader_drops_over_long_lines_without_holding_them():
+    import io as _io
+
+    lines = [b'{"text": "kort"}', b"x" * 100_000, b'{"text": "etter"}', b"y" * 3000, b'{"text": "slutt"}', b"z" * 5000]
+    data = b"\n".join(lines)  # the last line has no newline
+    path = "mem.jsonl"
+    blocks = []
+    import megatron_normistral.data.preprocess as pre
+
+    real_open = pre._open
+    pre._open = lambda p: _io.BytesIO(data)
+    try:
+        for first, block, long_lines in iter_blocks(path, chunk_bytes=256, max_line_bytes=1000):
+            assert len(block) <= 1000 + 256  # never the whole 100 kB line
+            blocks.append((first, block, long_lines))
+    finally:
+        pre._open = real_open
+    kept = [(first + i, line) for first, block, _ in blocks for i, line in enumerate(block.split(b"\n")[:-1])]
+    dropped = {n: size for _, _, long_lines in blocks for n, size in long_lines.items()}
+    assert dropped == {2: 100_000, 4: 3000, 6: 5000}
+    assert [(n, line) for n, line in kept if line] == [(1, lines[0]), (3, lines[2]), (5, lines[4])]
+    assert all(line == b"" for n, line in kept if n in dropped)  # stand-ins keep the line numbers
+
+
+def test_over_long_document_is_skipped_and_reported(tmp_path, spm_model, tokenizer):
+    texts = ["Kort dokument.", "lang " * 4000, "Etter det lange."]
+    src = _write_jsonl(tmp_path / "in.jsonl", texts)
+    log = io.StringIO()
+    res = preprocess(_cfg([src], tmp_path / "out", spm_model, workers=0, chunk_bytes=512, max_document_bytes=1000),
+                     log=log)
+    assert f"in.jsonl:2: document too long (20,0" in log.getvalue() and "limit 1,000: raise --max-document-mb" in log.getvalue()
+    assert res.skipped_by_reason == {"document too long": 1}
+    r = IndexedReader(tmp_path / "out")
+    assert [r[i].tolist() for i in range(len(r))] == [_doc(tokenizer, texts[0]), _doc(tokenizer, texts[2])]
+    p = _run_tool(src, tmp_path / "strict" / "ds", spm_model, "--workers", "0", "--max-document-mb", "0.001", "--strict")
+    failed_cleanly(p, f"{src}:2: document too long", "--max-document-mb")
+    _nothing_written(tmp_path / "strict")
