@@ -9,9 +9,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_normistral.tokenizer.corpus import CorpusError, parse_assignments  # noqa: E402
+from megatron_normistral.tokenizer.corpus import parse_language_inputs  # noqa: E402
 from megatron_normistral.tokenizer.fertility import FERTILITY_RULE, FertilityConfig, measure_fertility  # noqa: E402
-from megatron_normistral.tokenizer.wrappers import TokenizerSpecError  # noqa: E402
+from megatron_normistral.tool_io import run_tool  # noqa: E402
 
 EPILOG = f"""\
 Rule: {FERTILITY_RULE}.
@@ -27,14 +27,19 @@ Example:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--tokenizer", action="append", required=True, metavar="SPEC",
                    help="'tekken', a SentencePiece .model, or a Hugging Face tokenizer folder / tokenizer.json. "
                         "Repeat; the first is the reference.")
     p.add_argument("--label", action="append", metavar="NAME",
                    help="display name for each --tokenizer, in order (default: 'tekken' or the folder name)")
-    p.add_argument("--input", action="append", required=True, metavar="LANG=PATH",
-                   help="a language's corpus: JSONL or JSONL.gz with a 'text' field per line. Repeat per language.")
+    p.add_argument("--input", action="append", required=True, metavar="LANG=PATH_OR_GLOB",
+                   help="a language's corpus: JSONL or JSONL.gz (one document per line), a parquet file or a saved "
+                        "Hugging Face dataset folder, text under --json-key; a glob (quote it) names several. "
+                        "Repeat per language, and for more inputs of one language. Read as a stream, once")
+    p.add_argument("--json-key", default="text",
+                   help="JSON key, or column of a parquet file / dataset, holding the text (default %(default)s)")
     p.add_argument("--max-documents", type=int, default=None, help="use only the first N documents of each language")
     p.add_argument("--markdown", metavar="OUT.md", help="also write the tables as Markdown to this file")
     p.add_argument("--plot", metavar="OUT.png", help="also write a bar chart (PNG) to this file")
@@ -44,18 +49,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        cfg = FertilityConfig(
-            tokenizers=args.tokenizer,
-            inputs=parse_assignments(args.input, "--input"),
-            max_documents=args.max_documents,
-            labels=args.label,
-            verbose=not args.quiet,
-        )
-        result = measure_fertility(cfg)
-    except (CorpusError, TokenizerSpecError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_tool(lambda: _measure(args))
+
+
+def _measure(args: argparse.Namespace) -> int:
+    cfg = FertilityConfig(
+        tokenizers=args.tokenizer,
+        inputs=parse_language_inputs(args.input, "--input"),
+        max_documents=args.max_documents,
+        labels=args.label,
+        verbose=not args.quiet,
+        text_key=args.json_key,
+    )
+    result = measure_fertility(cfg)
     md = result.to_markdown()
     print(md)
     if args.markdown:

@@ -5,6 +5,7 @@ over megatron_normistral.tokenizer.transfer.transfer_embeddings)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from megatron_normistral.tokenizer.transfer import (  # noqa: E402
     TransferError,
     transfer_embeddings,
 )
+from megatron_normistral.tool_io import run_tool, staged_folder  # noqa: E402
 
 EPILOG = f"""\
 Rule: a regular target token's surface (its raw bytes: U+2581 and byte-level characters turned
@@ -38,12 +40,14 @@ Example:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--source", required=True, help="Hugging Face Mistral folder (config.json + safetensors, sharded or not)")
     p.add_argument("--source-tokenizer", required=True,
                    help="the source model's tokenizer: 'tekken' or a tokenizer folder (its ids must index the source embedding)")
     p.add_argument("--target-tokenizer", required=True, help="the new tokenizer folder (e.g. from tools/train_tokenizer.py)")
-    p.add_argument("--output", required=True, help="folder to write the new checkpoint to (created if missing)")
+    p.add_argument("--output", required=True, help="folder to write the new checkpoint to (created if missing; an "
+                   "existing one is replaced once the new checkpoint is complete)")
     p.add_argument("--init", choices=INIT_METHODS, default="mean",
                    help="input embedding rows: mean of the pieces' rows (default), the first piece's row, or random")
     p.add_argument("--head", choices=HEAD_METHODS, default="mean",
@@ -56,15 +60,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    cfg = TransferConfig(
-        source=args.source, source_tokenizer=args.source_tokenizer, target_tokenizer=args.target_tokenizer,
-        output=args.output, init=args.init, head=args.head, seed=args.seed, verbose=not args.quiet,
-    )
-    try:
-        report = transfer_embeddings(cfg)
-    except (TransferError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_tool(lambda: _transfer(args))
+
+
+def _transfer(args: argparse.Namespace) -> int:
+    if Path(args.output).resolve() == Path(args.source).resolve():  # checked here: staging would hide it
+        raise TransferError("--output must differ from --source")
+    with staged_folder(args.output, replace_existing=True) as staging:
+        cfg = TransferConfig(
+            source=args.source, source_tokenizer=args.source_tokenizer, target_tokenizer=args.target_tokenizer,
+            output=str(staging), init=args.init, head=args.head, seed=args.seed, verbose=not args.quiet,
+        )
+        report = dataclasses.replace(transfer_embeddings(cfg), output=Path(args.output))
     print(report.format())
     return 0
 

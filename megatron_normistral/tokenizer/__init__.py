@@ -2,7 +2,7 @@
 
 Library entry points (the tools in ``tools/`` are thin CLIs over them)::
 
-    from megatron_normistral.tokenizer.training import TokenizerTrainingConfig, SamplingConfig, train_tokenizer
+    from megatron_normistral.tokenizer.trainer import TokenizerTrainingConfig, SamplingConfig, train_tokenizer
     from megatron_normistral.tokenizer.fertility import FertilityConfig, measure_fertility
     from megatron_normistral.tokenizer.transfer import TransferConfig, transfer_embeddings
 """

@@ -1,7 +1,12 @@
-"""Reading the JSONL corpora the tokenizer tools work on, and parsing ``lang=VALUE`` flags.
+"""Reading the corpora the tokenizer tools work on, and parsing ``lang=VALUE`` flags.
 
-A corpus file is JSON Lines (optionally gzip-compressed), one document per line, with the
-document text under the ``"text"`` key. Paragraphs are separated by blank lines.
+A corpus input is a JSON Lines file (gzip-compressed or not, told by its first bytes), one
+document per line with the text under the ``"text"`` key (``text_key``); or a parquet file or a
+saved Hugging Face dataset folder with the text in that column (:mod:`megatron_normistral.data.sources`).
+A language may have several inputs (``--input nb=a --input nb=b``) and globs
+(``--input 'nb=corpus/nb/*.jsonl.gz'``): :func:`parse_language_inputs`, :func:`language_files`.
+Every reader streams: one document at a time, whatever the size of the corpus.
+Paragraphs are separated by blank lines.
 """
 from __future__ import annotations
 
@@ -11,7 +16,9 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Callable, Iterator, TypeVar
+from typing import Callable, Iterator, Mapping, Sequence, TypeVar
+
+from megatron_normistral.data import sources
 
 T = TypeVar("T")
 
@@ -35,10 +42,16 @@ def _open_text(path: Path) -> io.TextIOBase:
 
 
 def iter_documents(path: str | os.PathLike, text_key: str = "text") -> Iterator[str]:
-    """Yield the ``text`` of every document in a JSONL(.gz) file, in file order.
+    """Yield the ``text`` of every document of one input, in order: a JSONL(.gz) file, a
+    parquet file or a saved Hugging Face dataset folder.
 
-    Raises :class:`CorpusError` naming the file and line for unreadable JSON, a line that is
-    not an object, or a missing / non-string ``text`` field. Blank lines are skipped."""
+    JSONL: raises :class:`CorpusError` naming the file and line for unreadable JSON, a line that
+    is not an object, or a missing / non-string ``text`` field; blank lines are skipped.
+    Parquet / datasets: a missing or non-text column fails on opening, a null value names the
+    file and its 1-based row."""
+    if Path(path).exists() and sources.input_kind(path) != sources.JSONL:
+        yield from _iter_column(path, text_key)
+        return
     path = Path(path)
     with _open_text(path) as f:
         lineno = 0
@@ -64,8 +77,49 @@ def iter_documents(path: str | os.PathLike, text_key: str = "text") -> Iterator[
             raise CorpusError(f"{path}: cannot read after line {lineno}: {e}") from None
 
 
+def _iter_column(path: str | os.PathLike, text_key: str) -> Iterator[str]:
+    for first_row, values, _ in sources.ColumnReader(path, text_key).batches():
+        for row, text in enumerate(values, first_row):
+            if text is None:
+                raise CorpusError(f"{path}:{row}: {text_key!r} is null, expected a string")
+            yield text
+
+
 def read_documents(path: str | os.PathLike, text_key: str = "text") -> list[str]:
     return list(iter_documents(path, text_key))
+
+
+def iter_language(paths: Sequence[str | os.PathLike], text_key: str = "text") -> Iterator[str]:
+    """The documents of a language's inputs, one file after the other."""
+    for path in paths:
+        yield from iter_documents(path, text_key)
+
+
+def parse_language_inputs(items: list[str] | None, what: str = "--input") -> dict[str, list[str]]:
+    """Repeated ``LANG=PATH_OR_GLOB`` flags -> {language: [paths or globs]}, languages in the
+    order first given; a language given again gets one more input."""
+    out: dict[str, list[str]] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key or not value:
+            raise CorpusError(f"{what}: expected LANG=VALUE (e.g. nb=corpus/nb.jsonl.gz), got {item!r}")
+        out.setdefault(key, []).append(value)
+    return out
+
+
+def language_files(inputs: Mapping[str, str | os.PathLike | Sequence[str | os.PathLike]],
+                   what: str = "--input") -> dict[str, list[str]]:
+    """{language: input files}, each glob expanded (sorted) and every path checked to exist.
+    A value is one path or glob, or a list of them."""
+    out: dict[str, list[str]] = {}
+    for lang, value in inputs.items():
+        patterns = [str(value)] if isinstance(value, (str, os.PathLike)) else [str(v) for v in value]
+        try:
+            out[lang] = sources.expand_inputs(patterns, f"{what} {lang}=")
+        except sources.SourceError as e:
+            raise CorpusError(str(e)) from None
+    return out
 
 
 def split_paragraphs(text: str) -> list[str]:

@@ -12,14 +12,17 @@ its square; both are reported.
 """
 from __future__ import annotations
 
+import itertools
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
-from megatron_normistral.tokenizer.corpus import read_documents, split_paragraphs
+from megatron_normistral.tokenizer.corpus import CorpusError, iter_language, language_files, split_paragraphs
 from megatron_normistral.tokenizer.wrappers import Tokenizer, load_tokenizer
+from megatron_normistral.runtime.logs import STDERR, get_logger
+
+log = get_logger(__name__)
 
 FERTILITY_RULE = (
     "fertility = total tokens / total words; words = whitespace-separated tokens of each paragraph "
@@ -31,10 +34,11 @@ FERTILITY_RULE = (
 @dataclass
 class FertilityConfig:
     tokenizers: list[str]  # load_tokenizer specs; the first is the reference
-    inputs: dict[str, str]  # lang -> JSONL(.gz)
+    inputs: dict[str, str | list[str]]  # lang -> input path or glob, or a list of them (JSONL(.gz), parquet, datasets)
     max_documents: int | None = None  # per language, first N documents
     labels: list[str] | None = None
     verbose: bool = True
+    text_key: str = "text"  # JSON key / column holding the text
 
 
 @dataclass
@@ -116,12 +120,31 @@ class FertilityResult:
 
 
 def count_fertility(tok: Tokenizer, paragraphs: Sequence[str], batch: int = 512) -> FertilityCell:
-    tokens = words = 0
-    for i in range(0, len(paragraphs), batch):
-        chunk = list(paragraphs[i : i + batch])
-        tokens += sum(len(ids) for ids in tok.encode_batch(chunk))
-        words += sum(len(p.split()) for p in chunk)
-    return FertilityCell(tokens, words)
+    return count_fertilities([tok], paragraphs, batch)[0]
+
+
+def count_fertilities(tokenizers: Sequence[Tokenizer], paragraphs: Iterable[str], batch: int = 512) -> list[FertilityCell]:
+    """One :class:`FertilityCell` per tokenizer, reading ``paragraphs`` once, ``batch`` at a time."""
+    cells = [FertilityCell(0, 0) for _ in tokenizers]
+    it = iter(paragraphs)
+    while chunk := list(itertools.islice(it, batch)):
+        words = sum(len(p.split()) for p in chunk)
+        for tok, cell in zip(tokenizers, cells):
+            cell.tokens += sum(len(ids) for ids in tok.encode_batch(chunk))
+            cell.words += words
+    return cells
+
+
+class _Counted:
+    """Iterates ``items`` once, counting them."""
+
+    def __init__(self, items: Iterable):
+        self.items, self.count = items, 0
+
+    def __iter__(self):
+        for item in self.items:
+            self.count += 1
+            yield item
 
 
 def _label(spec: str) -> str:
@@ -137,6 +160,8 @@ def measure_fertility(cfg: FertilityConfig) -> FertilityResult:
         raise ValueError("no tokenizer given")
     if not cfg.inputs:
         raise ValueError("no input given")
+    if cfg.max_documents is not None and cfg.max_documents < 1:
+        raise ValueError(f"--max-documents {cfg.max_documents}: must be >= 1")
     labels = list(cfg.labels) if cfg.labels else [_label(s) for s in cfg.tokenizers]
     if len(labels) != len(cfg.tokenizers):
         raise ValueError(f"{len(labels)} labels for {len(cfg.tokenizers)} tokenizers")
@@ -147,19 +172,23 @@ def measure_fertility(cfg: FertilityConfig) -> FertilityResult:
             labels[i] = f"{l}#{seen[l]}"
         else:
             seen[l] = 1
-    paragraphs = {}
-    for lang, path in cfg.inputs.items():
-        docs = read_documents(path)
-        if cfg.max_documents is not None:
-            docs = docs[: cfg.max_documents]
-        paragraphs[lang] = [p for d in docs for p in split_paragraphs(d)]
-    result = FertilityResult(labels, list(cfg.inputs))
-    for spec, label in zip(cfg.tokenizers, labels):
-        tok = load_tokenizer(spec)
-        for lang, paras in paragraphs.items():
-            cell = count_fertility(tok, paras)
+    files = language_files(cfg.inputs)  # globs expanded, files checked: before any tokenizer loads
+    tokenizers = [load_tokenizer(spec) for spec in cfg.tokenizers]
+    result = FertilityResult(labels, list(files))
+    for lang, paths in files.items():
+        # Streaming: the documents are read once for all tokenizers, nothing is kept.
+        documents = itertools.islice(iter_language(paths, cfg.text_key), cfg.max_documents)
+        counted = _Counted(documents)
+        cells = count_fertilities(tokenizers, (p for d in counted for p in split_paragraphs(d)))
+        if cells[0].words == 0:  # fertility would be 0 / 0
+            where = paths[0] if len(paths) == 1 else f"{paths[0]} and {len(paths) - 1} more"
+            first = "first " if cfg.max_documents is not None else ""
+            n = counted.count
+            what = f"its {first}{n:,} documents are empty or whitespace only" if n else "it holds no documents"
+            raise CorpusError(f"{where} (--input {lang}): no words to measure: {what}; give a corpus with text")
+        for label, cell in zip(labels, cells):
             result.cells[(label, lang)] = cell
             if cfg.verbose:
-                print(f"{label} {lang}: {cell.tokens} tokens / {cell.words} words = {cell.fertility:.3f}",
-                      file=sys.stderr, flush=True)
+                log.info(f"{label} {lang}: {cell.tokens} tokens / {cell.words} words = {cell.fertility:.3f}",
+                         extra=STDERR)
     return result

@@ -1,5 +1,8 @@
 """Moving a Hugging Face Mistral checkpoint to a new tokenizer (embedding transfer).
 
+Which tensors are the input embeddings and the LM head comes from the model family that reads
+the checkpoint's ``config.json`` (``convert.families``, by ``model_type``).
+
 For every regular token of the target tokenizer we take its *surface*: the raw bytes it stands
 for (SentencePiece's U+2581 becomes a space, byte-level characters become their bytes, a
 ``<0xNN>`` byte-fallback piece becomes byte NN). The surface is encoded with the source
@@ -19,15 +22,17 @@ from __future__ import annotations
 
 import json
 import shutil
-import struct
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from megatron_normistral.convert.safetensors_io import CheckpointIOError, HFCheckpointReader
-from megatron_normistral.tokenizer.wrappers import Tokenizer, TokenizerSpecError, load_tokenizer
+from megatron_normistral.convert.families import ConversionError, family_for_hf_config
+from megatron_normistral.convert.safetensors_io import CheckpointIOError, HFCheckpointReader, encode_header, read_header, tensor_bytes
+from megatron_normistral.tokenizer.wrappers import TOKENIZER_FILES, Tokenizer, TokenizerSpecError, load_tokenizer
+from megatron_normistral.runtime.logs import get_logger, progress
+
+log = get_logger(__name__)
 
 INIT_METHODS = ("mean", "random", "first")
 HEAD_METHODS = ("mean", "source", "random")
@@ -45,19 +50,6 @@ SPECIAL_TABLE: dict[str, str] = {
 }
 SPECIAL_DEFAULT = "all"
 
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "tekken.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "training.json",
-)
-EMBED_SUFFIX = "embed_tokens.weight"
-HEAD_NAME = "lm_head.weight"
 COPY_CHUNK = 8 << 20  # bytes read at a time when copying a tensor
 
 
@@ -136,11 +128,6 @@ class TransferReport:
             lines.append("no token fell back to a random row")
         lines.append(f"{self.tensors_copied} other tensors copied bit for bit; {self.seconds:.1f} s")
         return "\n".join(lines)
-
-
-def _log(verbose: bool, msg: str) -> None:
-    if verbose:
-        print(msg, file=sys.stderr, flush=True)
 
 
 def _special_name(tok: Tokenizer, i: int) -> str:
@@ -244,32 +231,10 @@ def init_rows(source_matrix, plan: TransferPlan, method: str, seed: int = 0, chu
 
 
 # --- safetensors, one tensor at a time ------------------------------------------------------
-def read_safetensors_header(path: Path) -> tuple[dict, int]:
-    """(header dict, offset of the data section)."""
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise TransferError(f"{path}: not a safetensors file (too short)")
-        (n,) = struct.unpack("<Q", raw)
-        if n > 100_000_000:
-            raise TransferError(f"{path}: not a safetensors file (header length {n})")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise TransferError(f"{path}: unreadable safetensors header ({e})") from None
-    return header, 8 + n
-
-
-def _tensor_bytes(t) -> memoryview:
-    import torch
-
-    return memoryview(t.contiguous().view(torch.uint8).numpy())
-
-
 def _write_shard(src: Path, dst: Path, replace: dict[str, object], verbose: bool) -> tuple[int, int]:
     """Copy safetensors ``src`` to ``dst`` with tensors in ``replace`` (name -> torch tensor of
     the same dtype) substituted; returns (bytes of tensor data, tensors copied unchanged)."""
-    header, base = read_safetensors_header(src)
+    header, base = read_header(src)
     names = [k for k in header if k != "__metadata__"]
     names.sort(key=lambda k: header[k]["data_offsets"][0])
     new_header: dict = {}
@@ -288,15 +253,12 @@ def _write_shard(src: Path, dst: Path, replace: dict[str, object], verbose: bool
         entry["data_offsets"] = [offset, offset + size]
         new_header[k] = entry
         offset += size
-    hbytes = json.dumps(new_header, separators=(",", ":")).encode()
-    hbytes += b" " * (-len(hbytes) % 8)
     copied = 0
     with open(src, "rb") as fin, open(dst, "wb") as fout:
-        fout.write(struct.pack("<Q", len(hbytes)))
-        fout.write(hbytes)
+        fout.write(encode_header(new_header))
         for k in names:
             if k in replace:
-                fout.write(_tensor_bytes(replace[k]))
+                fout.write(tensor_bytes(replace[k]))
                 continue
             a, b = header[k]["data_offsets"]
             fin.seek(base + a)
@@ -312,8 +274,9 @@ def _write_shard(src: Path, dst: Path, replace: dict[str, object], verbose: bool
 
 
 def transfer_embeddings(cfg: TransferConfig) -> TransferReport:
-    """Write ``cfg.output``: the source checkpoint with ``embed_tokens`` and ``lm_head`` resized
-    to the target vocabulary, config updated (vocab size, special ids), target tokenizer files
+    """Write ``cfg.output``: the source checkpoint with its input embeddings and LM head (as its
+    model family names them: ``embed_tokens``, ``lm_head`` for Mistral) resized to the target
+    vocabulary, config updated (vocab size, special ids), target tokenizer files
     copied in, and ``transfer_report.json``."""
     t0 = time.time()
     if cfg.init not in INIT_METHODS:
@@ -326,6 +289,10 @@ def transfer_embeddings(cfg: TransferConfig) -> TransferReport:
     if out.resolve() == src_dir.resolve():
         raise TransferError("--output must differ from --source")
     config = json.loads((src_dir / "config.json").read_text())
+    try:
+        family = family_for_hf_config(config)
+    except ConversionError as e:
+        raise TransferError(f"{src_dir / 'config.json'}: {e}") from None
     tgt_path = Path(cfg.target_tokenizer)
     if not tgt_path.is_dir():
         raise TransferError(f"--target-tokenizer {tgt_path}: expected a tokenizer folder")
@@ -342,21 +309,21 @@ def transfer_embeddings(cfg: TransferConfig) -> TransferReport:
     except TokenizerSpecError as e:
         raise TransferError(str(e)) from None
 
-    # find the embedding and head tensors
-    embed_names = [k for k in reader.names() if k.endswith(EMBED_SUFFIX)]
-    if len(embed_names) != 1:
-        raise TransferError(f"{src_dir}: expected one *{EMBED_SUFFIX} tensor, found {embed_names}")
-    embed_name = embed_names[0]
-    has_head = HEAD_NAME in reader.names()
+    # the embedding and head tensors, as the family names them (no head: tied embeddings)
+    vocab_names = {m.role: m.hf[0] for m in family.vocab_mappings()}
+    embed_name, head_name = vocab_names["embedding"], vocab_names.get("output")
+    if embed_name not in reader.names():
+        raise TransferError(f"{src_dir}: no {embed_name} tensor (the input embeddings of a {family.name} checkpoint)")
+    has_head = head_name is not None and head_name in reader.names()
     n_src, hidden = reader.shape(embed_name)
-    _log(cfg.verbose, f"source {src_dir}: {len(files)} weight file(s), embedding {n_src} x {hidden}")
+    progress(log, cfg.verbose, f"source {src_dir}: {len(files)} weight file(s), embedding {n_src} x {hidden}")
 
-    _log(cfg.verbose, f"planning {target_tok.vocab_size} target rows from {source_tok.name} pieces ...")
+    progress(log, cfg.verbose, f"planning {target_tok.vocab_size} target rows from {source_tok.name} pieces ...")
     plan = plan_transfer(source_tok, target_tok, n_src)
     out.mkdir(parents=True, exist_ok=True)
 
     replace_by_file: dict[str, dict[str, object]] = {}
-    for k in [embed_name] + ([HEAD_NAME] if has_head else []):
+    for k in [embed_name] + ([head_name] if has_head else []):
         fname = reader.file_of(k)
         mat = reader.read(k)
         if list(mat.shape) != [n_src, hidden]:
@@ -365,7 +332,7 @@ def transfer_embeddings(cfg: TransferConfig) -> TransferReport:
             method = cfg.init
         else:
             method = {"mean": "mean", "source": cfg.init, "random": "random"}[cfg.head]
-        _log(cfg.verbose, f"initialising {k} ({method}) ...")
+        progress(log, cfg.verbose, f"initialising {k} ({method}) ...")
         new = init_rows(mat, plan, method, seed=cfg.seed + (0 if k == embed_name else 1),
                         chunk_rows=cfg.chunk_rows, out_dtype=mat.dtype)
         replace_by_file.setdefault(fname, {})[k] = new
@@ -373,7 +340,7 @@ def transfer_embeddings(cfg: TransferConfig) -> TransferReport:
 
     total, copied = 0, 0
     for fname in files:
-        _log(cfg.verbose, f"writing {out / fname} ...")
+        progress(log, cfg.verbose, f"writing {out / fname} ...")
         size, n = _write_shard(src_dir / fname, out / fname, replace_by_file.get(fname, {}), cfg.verbose)
         replace_by_file.pop(fname, None)
         total += size

@@ -328,6 +328,14 @@ class HFTokenizer(Tokenizer):
         return ids
 
 
+# The files a tokenizer folder may hold, and what is copied with it (embedding transfer, export
+# to Hugging Face): SentencePiece, fast tokenizers, Mistral's tekken.json, chat templates and
+# tools/train_tokenizer.py's training record.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "tekken.json", "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja",
+                   "chat_template.json", "training.json")
+
+
 def load_tokenizer(spec: str | os.PathLike) -> Tokenizer:
     """``tekken`` | ``tekken:PATH.json`` | ``PATH.model`` (SentencePiece) | a Hugging Face
     tokenizer folder or ``tokenizer.json``."""

@@ -24,7 +24,7 @@ def corpus() -> dict[str, Path]:
 
 
 def _train(out: Path, backend: str, vocab: int, inputs: dict[str, Path], every: dict[str, int]) -> Path:
-    from megatron_normistral.tokenizer.training import SamplingConfig, TokenizerTrainingConfig, train_tokenizer
+    from megatron_normistral.tokenizer.trainer import SamplingConfig, TokenizerTrainingConfig, train_tokenizer
 
     cfg = TokenizerTrainingConfig(
         inputs={k: str(v) for k, v in inputs.items()},

@@ -15,7 +15,7 @@ from megatron_normistral.tokenizer.corpus import (
     read_documents,
     split_paragraphs,
 )
-from megatron_normistral.tokenizer.training import SamplingConfig, sample_documents
+from megatron_normistral.tokenizer.trainer import SamplingConfig, sample_documents
 
 
 def test_reads_bundled_corpus(corpus):

@@ -85,3 +85,16 @@ def test_cli_errors(tmp_path, corpus):
     r = subprocess.run([sys.executable, tool, "--tokenizer", "tekken", "--input", f"se={bad}"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and f"{bad}:2" in r.stderr
+
+
+@pytest.mark.parametrize("content,why", [("", "it holds no documents"),
+                                         ('{"text": ""}\n{"text": "  \\n\\n "}\n', "its 2 documents are empty")])
+def test_input_without_words_fails_in_one_line(tmp_path, content, why):
+    """Fertility of no words would be 0 / 0: a table of nan with exit 0 before; now one line, exit 2."""
+    from megatron_normistral.testing.tool_runs import failed_cleanly, run_tool_script
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(content)
+    p = run_tool_script("fertility", "--tokenizer", "tekken", "--input", f"nb={empty}", "--quiet")
+    failed_cleanly(p, f"{empty} (--input nb): no words to measure", why)
+    assert "nan" not in p.stdout

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from megatron_normistral.tokenizer.corpus import read_documents, split_paragraphs
-from megatron_normistral.tokenizer.training import (
+from megatron_normistral.tokenizer.trainer import (
     MAX_PIECE_CHARS,
     SPECIAL_TOKENS,
     SamplingConfig,
