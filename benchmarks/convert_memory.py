@@ -64,7 +64,8 @@ def whole_model_save(hf_dir: str, like_ckpt: str, out: str) -> None:
     """The simple conversion, for contrast: everything in memory at once."""
     from safetensors.torch import load_file
 
-    from megatron_normistral.convert import mcore_io, mistral
+    from megatron_normistral.checkpoint import weights
+    from megatron_normistral.convert import families
     from megatron_normistral.model.provider import PrecisionConfig, build_model
     from megatron_normistral.model.sharding import load_full_state_dict
     from megatron_normistral.runtime import parallel
@@ -75,13 +76,13 @@ def whole_model_save(hf_dir: str, like_ckpt: str, out: str) -> None:
         hf.update(load_file(Path(hf_dir) / f))
     pc = parallel.ParallelConfig()
     parallel.init_model_parallel(pc)
-    model_config = mcore_io.model_config_from_checkpoint(like_ckpt)
+    model_config = weights.model_config_from_checkpoint(like_ckpt)
     arch = model_config.architecture()
     chunks = build_model(model_config, pc, PrecisionConfig(), max_sequence_length=4096)
-    full = {m.megatron_name(g.layer): mistral.hf_to_megatron(arch, m, g.layer, tuple(hf[n] for n in m.hf_names(g.layer)))
-            for g in mistral.groups(arch) for m in g.mappings}
+    full = {m.megatron_name(g.layer): families.hf_to_megatron(arch, m, g.layer, tuple(hf[n] for n in m.hf_names(g.layer)))
+            for g in families.family_of(arch).groups(arch) for m in g.mappings}
     load_full_state_dict(chunks, full)
-    mcore_io.save_model_checkpoint(chunks, out, model_config)
+    weights.save_model_checkpoint(chunks, out, model_config)
 
 
 def peak_rss_mb(argv: list[str]) -> dict:
@@ -95,11 +96,11 @@ def write_hf_checkpoint(directory: Path, arch) -> None:
     """Random weights, written tensor by tensor (the model is never built here)."""
     import torch
 
-    from megatron_normistral.convert import hf_config_from_arch, mistral
+    from megatron_normistral.convert import families, hf_config_from_arch
     from megatron_normistral.convert.safetensors_io import PlannedTensor, ShardedSafetensorsWriter
 
     torch.manual_seed(0)
-    plan = [PlannedTensor(name, shape_fn(arch), torch.bfloat16) for group in mistral.groups(arch)
+    plan = [PlannedTensor(name, shape_fn(arch), torch.bfloat16) for group in families.family_of(arch).groups(arch)
             for m in group.mappings for name, shape_fn in zip(m.hf_names(group.layer), m.hf_shapes)]
     writer = ShardedSafetensorsWriter(directory, plan, max_shard_bytes=200 * 1000**2)
     for p in plan:

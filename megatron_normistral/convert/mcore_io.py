@@ -1,184 +1,33 @@
-"""megatron-core distributed checkpoints (dist_checkpointing, torch_dist format) of model weights.
+"""Conversion's side of megatron-core checkpoints: model weights without a model, one group
+of tensors at a time (:class:`LayerwiseCheckpointWriter`, :func:`read_megatron_tensors`).
 
-Two ways in and out:
-
-- From model chunks (training, tests): :func:`save_model_checkpoint` / :func:`load_model_checkpoint`.
-  The state dict is ``{"model": chunk.sharded_state_dict()}`` for one chunk and
-  ``{"model0": ..., "model1": ...}`` per virtual stage; dist_checkpointing stores tensors by
-  their global (TP=1, PP=1) coordinates, so a checkpoint saved at any TP/PP/VPP layout loads at
-  any other. Loading reads only the model's keys, so it works on training checkpoints that
-  also hold optimizer state.
-- Without a model, one group of tensors at a time (conversion): :class:`LayerwiseCheckpointWriter`
-  and :func:`read_megatron_tensors`. These build the same ShardedTensors that a TP=1, PP=1
-  GPTModel would (:func:`sharded_entries`; a test pins them to the model's own), so memory is
-  bounded by one group, not the model.
-
-Beside the weights, ``normistral_model.json`` records the architecture, so that tools can
-rebuild the model without being told which one it is.
+These build the same ShardedTensors that a TP=1, PP=1 GPTModel would (:func:`sharded_entries`;
+a test pins them to the model's own), so memory is bounded by one group, not the model. What a
+checkpoint is (keys, the architecture record ``normistral_model.json``, the loader of weights
+into model chunks) is :mod:`megatron_normistral.checkpoint.weights`.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import functools
-import json
 import os
 import pickle
 import shutil
 from pathlib import Path
-from typing import Iterable
 
 import torch
 
-from megatron_normistral.convert.mistral import ConversionError
-from megatron_normistral.model.architectures import ArchConfig
-from megatron_normistral.model.sharding import unwrap_model
+from megatron_normistral.convert.families import ConversionError, get_family
+from megatron_normistral.model.architectures import DEFAULT_FAMILY
 from megatron_normistral.runtime.parallel import free_port
 
-MODEL_JSON = "normistral_model.json"
-MODEL_JSON_FORMAT = 1
-
-
-# ---- architecture description beside the weights ----------------------------------------
-def write_model_metadata(directory: str | os.PathLike, arch: ArchConfig, **extra) -> Path:
-    """Write ``normistral_model.json`` (architecture + free-form extras such as the dtype)."""
-    path = Path(directory) / MODEL_JSON
-    payload = {"format": MODEL_JSON_FORMAT, "arch": dataclasses.asdict(arch), **extra}
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-    return path
-
-
-def read_model_metadata(directory: str | os.PathLike) -> tuple[ArchConfig, dict]:
-    """(architecture, whole JSON) of a checkpoint written by this module."""
-    path = Path(directory) / MODEL_JSON
-    if not path.exists():
-        raise ConversionError(f"{path} not found: not a checkpoint written by megatron_normistral (pass --arch)")
-    payload = json.loads(path.read_text())
-    if payload.get("format") != MODEL_JSON_FORMAT:
-        raise ConversionError(f"{path}: unknown format {payload.get('format')!r}")
-    return ArchConfig(**payload["arch"]), payload
-
-
-def _arch_of(model_config) -> ArchConfig:
-    if isinstance(model_config, ArchConfig):
-        return model_config
-    return model_config.architecture()  # provider.ModelConfig
-
-
-def model_config_from_checkpoint(directory: str | os.PathLike, **model_config_fields):
-    """A ``provider.ModelConfig`` that builds the architecture recorded in the checkpoint,
-    also when it is not one of the named architectures (e.g. converted from an HF config).
-
-    ``provider.ModelConfig`` resolves ``arch`` by name only, so this subclass returns the
-    stored ArchConfig instead (honouring the ``vocab_size``/``num_layers`` overrides)."""
-    from megatron_normistral.model.provider import ModelConfig
-
-    stored, _ = read_model_metadata(directory)
-
-    @dataclasses.dataclass
-    class CheckpointModelConfig(ModelConfig):
-        def architecture(self) -> ArchConfig:
-            overrides = {k: v for k, v in (("vocab_size", self.vocab_size), ("num_layers", self.num_layers)) if v is not None}
-            return dataclasses.replace(stored, **overrides) if overrides else stored
-
-    return CheckpointModelConfig(arch=stored.name, **model_config_fields)
-
-
-# ---- from model chunks -------------------------------------------------------------------
-
-
-def model_sharded_state_dict(chunks: Iterable[torch.nn.Module]) -> dict:
-    """The model part of a dist_checkpointing state dict, keyed as training checkpoints key it."""
-    chunks = [unwrap_model(c) for c in chunks]
-    return {key: chunk.sharded_state_dict() for key, chunk in zip(model_state_keys(len(chunks)), chunks)}
-
-
-def model_state_keys(num_chunks: int) -> list[str]:
-    """Top-level keys of the model part: 'model', or 'model0', 'model1', ... per virtual stage."""
-    return ["model"] if num_chunks == 1 else [f"model{i}" for i in range(num_chunks)]
-
-
-def save_model_checkpoint(chunks, directory: str | os.PathLike, model_config, **metadata_extra) -> None:
-    """Save the weights of this process's chunks (collective: every rank calls it).
-
-    ``model_config``: a ``provider.ModelConfig`` (or an ``ArchConfig``), recorded in
-    ``normistral_model.json``. Callers' scripts need an ``if __name__ == "__main__":`` guard:
-    dist_checkpointing's writer starts a spawn multiprocessing manager.
-    """
-    import torch.distributed as dist
-    from megatron.core import dist_checkpointing
-
-    directory = Path(directory)
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    if rank == 0:
-        directory.mkdir(parents=True, exist_ok=True)
-    if dist.is_initialized():
-        dist.barrier()
-    dist_checkpointing.save(model_sharded_state_dict(chunks), str(directory))
-    if rank == 0:
-        dtype = next(unwrap_model(next(iter(chunks))).parameters()).dtype
-        write_model_metadata(directory, _arch_of(model_config), dtype=str(dtype).removeprefix("torch."), **metadata_extra)
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def load_model_checkpoint(chunks, directory: str | os.PathLike) -> None:
-    """Load weights into this process's chunks, whatever layout the checkpoint was saved at.
-
-    Only the model's keys are read (a training checkpoint's optimizer state is ignored).
-    Every model tensor must be present with its global shape (megatron-core names the tensor
-    otherwise). Collective: every rank calls it.
-    """
-    from megatron.core import dist_checkpointing
-
-    directory = Path(directory)
-    if (directory / MODEL_JSON).exists():
-        arch, _ = read_model_metadata(directory)
-        _check_chunks_match(chunks, arch)
-    state = dist_checkpointing.load(model_sharded_state_dict(chunks), str(directory))
-    chunks = [unwrap_model(c) for c in chunks]
-    keys = model_state_keys(len(chunks))
-    for chunk, key in zip(chunks, keys):
-        chunk.load_state_dict(state[key], strict=True)
-
-
-def _check_chunks_match(chunks, arch: ArchConfig) -> None:
-    cfg = unwrap_model(next(iter(chunks))).config
-    vocab = unwrap_model(next(iter(chunks))).vocab_size
-    ours = dict(num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_attention_heads,
-                num_query_groups=cfg.num_query_groups, head_dim=cfg.kv_channels, ffn_hidden_size=cfg.ffn_hidden_size,
-                vocab_size=vocab)
-    diffs = [f"{k}: model {v} vs checkpoint {getattr(arch, k)}" for k, v in ours.items() if v != getattr(arch, k)]
-    if diffs:
-        raise ConversionError(f"model does not match the checkpoint's architecture {arch.name!r}: " + "; ".join(diffs))
-
-
 # ---- without a model: ShardedTensors of one group ----------------------------------------
-_LAYER_PREFIX = "decoder.layers."
-# The local layer spec stores the two norms under Transformer Engine's names (the norm is
-# fused into the following linear there), so checkpoints are interchangeable between the two.
-_NORM_KEYS = {
-    "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
-    "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
-}
-# megatron-core's linear layers save an (empty) ``_extra_state`` object per layer; loading a
-# model asks for them, so checkpoints written without a model must contain them too.
-_LINEARS_WITH_EXTRA_STATE = (
-    "self_attention.linear_proj",
-    "self_attention.linear_qkv",
-    "mlp.linear_fc1",
-    "mlp.linear_fc2",
-)
-
-
-def checkpoint_key(megatron_name: str) -> tuple[str, int | None]:
+# Names come from the model family's mapping (convert.families): the checkpoint key of each
+# tensor (norms stored under Transformer Engine's names) and the linears with ``_extra_state``.
+def checkpoint_key(megatron_name: str, family: str = DEFAULT_FAMILY) -> tuple[str, int | None]:
     """(dist_checkpointing key, global layer index or None) of a TP=1 megatron parameter name."""
-    if not megatron_name.startswith(_LAYER_PREFIX):
-        return megatron_name, None
-    layer, rest = megatron_name[len(_LAYER_PREFIX):].split(".", 1)
-    return _LAYER_PREFIX + _NORM_KEYS.get(rest, rest), int(layer)
+    return get_family(family).checkpoint_key(megatron_name)
 
 
 def _sharded_tensor(key: str, data: torch.Tensor, layer: int | None, num_layers: int):
@@ -190,21 +39,23 @@ def _sharded_tensor(key: str, data: torch.Tensor, layer: int | None, num_layers:
     return ShardedTensor.from_rank_offsets(key, data, (0, layer, num_layers), replica_id=0, prepend_axis_num=1)
 
 
-def sharded_entries(tensors: dict[str, torch.Tensor], num_layers: int) -> dict:
+def sharded_entries(tensors: dict[str, torch.Tensor], num_layers: int, family: str = DEFAULT_FAMILY) -> dict:
     """ShardedTensors (+ the layers' extra-state objects) for full TP=1 tensors by megatron name."""
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
+    model_family = get_family(family)
+    prefix = model_family.layer_prefix
     entries = {}
     layers = set()
     for name, tensor in tensors.items():
-        key, layer = checkpoint_key(name)
+        key, layer = model_family.checkpoint_key(name)
         entries[name] = _sharded_tensor(key, tensor, layer, num_layers)
         if layer is not None:
             layers.add(layer)
     for layer in sorted(layers):
-        for linear in _LINEARS_WITH_EXTRA_STATE:
-            entries[f"{_LAYER_PREFIX}{layer}.{linear}._extra_state"] = ShardedObject(
-                f"{_LAYER_PREFIX}{linear}._extra_state", None, (num_layers,), (layer,), replica_id=0
+        for linear in model_family.extra_state_modules():
+            entries[f"{prefix}{layer}.{linear}._extra_state"] = ShardedObject(
+                f"{prefix}{linear}._extra_state", None, (num_layers,), (layer,), replica_id=0
             )
     return entries
 
@@ -254,35 +105,37 @@ class LayerwiseCheckpointWriter:
     merge then checks that every global tensor is covered exactly once.
     """
 
-    def __init__(self, directory: str | os.PathLike, num_layers: int):
+    def __init__(self, directory: str | os.PathLike, num_layers: int, family: str = DEFAULT_FAMILY):
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         if any(self.directory.iterdir()):
             raise ConversionError(f"output directory {self.directory} is not empty")
         self.num_layers = num_layers
+        self.family = family
+        self._layer_prefix = get_family(family).layer_prefix
         self._parts: list[tuple[Path, int | None]] = []
 
     def write_group(self, tensors: dict[str, torch.Tensor]) -> None:
         """Save full (TP=1) tensors by megatron name; all of one layer, or none of a layer."""
         from megatron.core import dist_checkpointing
 
-        layers = {checkpoint_key(name)[1] for name in tensors}
+        layers = {checkpoint_key(name, self.family)[1] for name in tensors}
         if len(layers) != 1:
             raise ConversionError(f"a part must hold one layer or only non-layer tensors, got layers {layers}")
         layer = layers.pop()
         if layer is not None:  # saved as layer 0 of a 1-layer model, moved in finalize()
-            prefix = f"{_LAYER_PREFIX}{layer}."
-            tensors = {f"{_LAYER_PREFIX}0.{n[len(prefix):]}": t for n, t in tensors.items()}
+            prefix = f"{self._layer_prefix}{layer}."
+            tensors = {f"{self._layer_prefix}0.{n[len(prefix):]}": t for n, t in tensors.items()}
         part = self.directory / f".part{len(self._parts):05d}"
         part.mkdir()
-        dist_checkpointing.save(sharded_entries(tensors, num_layers=1), str(part))
+        dist_checkpointing.save(sharded_entries(tensors, num_layers=1, family=self.family), str(part))
         self._parts.append((part, layer))
 
     def _relocate(self, key: str, item, layer: int):
         """(key, metadata) of a part's entry, moved from layer 0 of 1 to ``layer`` of num_layers."""
         from torch.distributed.checkpoint.metadata import BytesStorageMetadata, ChunkStorageMetadata, TensorStorageMetadata
 
-        if not key.startswith(_LAYER_PREFIX):
+        if not key.startswith(self._layer_prefix):
             return key, item
         if isinstance(item, BytesStorageMetadata):
             base, shard = key.rsplit("/", 1)
@@ -319,7 +172,7 @@ class LayerwiseCheckpointWriter:
                 os.replace(part / file, self.directory / renamed_files[file])
             for index, info in md.storage_data.items():
                 offset = index.offset
-                if layer is not None and offset is not None and index.fqn.startswith(_LAYER_PREFIX):
+                if layer is not None and offset is not None and index.fqn.startswith(self._layer_prefix):
                     offset = torch.Size((layer, *offset[1:]))
                 new_index = MetadataIndex(renamed_keys.get(index.fqn, index.fqn), offset, index.index)
                 storage[new_index] = dataclasses.replace(info, relative_path=renamed_files[info.relative_path])
@@ -390,16 +243,17 @@ def _region_planner_class():
 
 
 def read_megatron_tensors(directory: str | os.PathLike, shapes: dict[str, tuple[int, ...]], num_layers: int,
-                          tensor_metadata: dict | None = None) -> dict[str, torch.Tensor]:
+                          tensor_metadata: dict | None = None, family: str = DEFAULT_FAMILY) -> dict[str, torch.Tensor]:
     """Full (TP=1) tensors by megatron name, read from a checkpoint saved at any layout; only
     these bytes are read. ``shapes``: the expected shape of each; a mismatch is refused by name.
     Needs no process group."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
     tensor_metadata = tensor_metadata if tensor_metadata is not None else checkpoint_tensor_metadata(directory)
     regions, out = {}, {}
     for name, shape in shapes.items():
-        key, layer = checkpoint_key(name)
+        key, layer = checkpoint_key(name, family)
         if key not in tensor_metadata:
             raise ConversionError(f"tensor {name!r} (checkpoint key {key!r}) is missing from {directory}")
         md = tensor_metadata[key]
@@ -415,5 +269,12 @@ def read_megatron_tensors(directory: str | os.PathLike, shapes: dict[str, tuple[
         offsets = torch.Size((0,) * len(global_shape) if layer is None else (layer,) + (0,) * len(shape))
         regions[key] = (offsets, dest)
         out[name] = dest if layer is None else dest[0]
-    dcp.load({}, storage_reader=dcp.FileSystemReader(str(directory)), planner=_region_planner_class()(regions), no_dist=True)
+    try:
+        dcp.load({}, storage_reader=dcp.FileSystemReader(str(directory)), planner=_region_planner_class()(regions),
+                 no_dist=True)
+    except (OSError, EOFError, pickle.UnpicklingError, CheckpointException) as e:
+        # check_checkpoint_complete catches missing and short files first; this is damage inside them.
+        raise ConversionError(f"{directory}: reading {', '.join(sorted(shapes))} failed "
+                              f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}): "
+                              "the checkpoint is damaged; use another one") from None
     return out

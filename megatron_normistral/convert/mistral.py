@@ -1,6 +1,8 @@
-"""Hugging Face Mistral <-> megatron-core GPTModel: the one declarative weight mapping.
+"""Hugging Face Mistral <-> megatron-core GPTModel: the Mistral family's declarative mapping.
 
-Megatron names are those of a TP=1, PP=1 GPTModel built by ``model.provider`` (global layer
+The tables below are the only place Mistral's parameter names are written; the family
+registered at the end (:data:`MISTRAL`, see :mod:`.families`) derives every other name from
+them. Megatron names are those of a TP=1, PP=1 GPTModel built by ``model.provider`` (global layer
 index), i.e. the names ``model.sharding`` uses for full state dicts. Every megatron tensor is
 produced from a fixed tuple of HF tensors by a named transform, and the inverse transform gives
 them back, bit-exactly (transforms only reshape, slice and concatenate; dtype casts are done by
@@ -15,28 +17,22 @@ The two fusions:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Iterator
-
 import torch
 
+from megatron_normistral.convert.families import (
+    IDENTITY,
+    ConversionError,
+    ModelFamily,
+    TensorMapping,
+    Transform,
+    register_family,
+)
 from megatron_normistral.model.architectures import ArchConfig
 
-
-class ConversionError(ValueError):
-    """A checkpoint does not match the architecture; the message names the tensor."""
+MISTRAL_NAME = "mistral"  # the family's name and its HF model_type
 
 
 # ---- transforms ------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Transform:
-    """HF tensors (in ``TensorMapping.hf`` order) <-> one megatron tensor."""
-
-    name: str
-    to_megatron: Callable[[ArchConfig, tuple[torch.Tensor, ...]], torch.Tensor]
-    to_hf: Callable[[ArchConfig, torch.Tensor], tuple[torch.Tensor, ...]]
-
-
 def _fuse_qkv(arch: ArchConfig, tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
     q, k, v = tensors
     ng, hd, h = arch.num_query_groups, arch.head_dim, arch.hidden_size
@@ -63,125 +59,63 @@ def _split_glu(arch: ArchConfig, fused: torch.Tensor) -> tuple[torch.Tensor, ...
     return gate.contiguous(), up.contiguous()
 
 
-IDENTITY = Transform("identity", lambda arch, t: t[0], lambda arch, t: (t,))
 FUSED_QKV = Transform("fused_qkv", _fuse_qkv, _split_qkv)
 FUSED_GLU = Transform("fused_glu", _fuse_glu, _split_glu)
 
 
 # ---- the mapping -----------------------------------------------------------------------
-Shape = Callable[[ArchConfig], tuple[int, ...]]
-
-
-@dataclass(frozen=True)
-class TensorMapping:
-    """One megatron tensor and the HF tensors it is made of. ``{layer}`` is the layer index."""
-
-    megatron: str
-    hf: tuple[str, ...]
-    transform: Transform
-    hf_shapes: tuple[Shape, ...]  # expected shape of each HF tensor, for the checks
-
-    def hf_names(self, layer: int | None = None) -> tuple[str, ...]:
-        return tuple(n.format(layer=layer) for n in self.hf)
-
-    def megatron_name(self, layer: int | None = None) -> str:
-        return self.megatron.format(layer=layer)
-
-
 def _h(a):  # hidden vector
     return (a.hidden_size,)
 
 
-GLOBAL_MAPPINGS: tuple[TensorMapping, ...] = (
-    TensorMapping("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), IDENTITY,
-                  (lambda a: (a.vocab_size, a.hidden_size),)),
-    TensorMapping("decoder.final_layernorm.weight", ("model.norm.weight",), IDENTITY, (_h,)),
-    # Untied head: Mistral-NeMo has a separate lm_head (tie_word_embeddings False).
-    TensorMapping("output_layer.weight", ("lm_head.weight",), IDENTITY,
-                  (lambda a: (a.vocab_size, a.hidden_size),)),
+def _vocab(a):  # one row per vocabulary entry
+    return (a.vocab_size, a.hidden_size)
+
+
+EMBEDDING_MAPPINGS: tuple[TensorMapping, ...] = (
+    TensorMapping("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), IDENTITY, (_vocab,),
+                  role="embedding"),
 )
 
 _L = "decoder.layers.{layer}."
 _HL = "model.layers.{layer}."
 LAYER_MAPPINGS: tuple[TensorMapping, ...] = (
-    TensorMapping(_L + "input_layernorm.weight", (_HL + "input_layernorm.weight",), IDENTITY, (_h,)),
+    # Transformer Engine fuses each layer norm into the linear after it; the local spec stores
+    # them under TE's names (checkpoint_key), so both implementations read one checkpoint.
+    TensorMapping(_L + "input_layernorm.weight", (_HL + "input_layernorm.weight",), IDENTITY, (_h,),
+                  role="norm", checkpoint_key=_L + "self_attention.linear_qkv.layer_norm_weight"),
     TensorMapping(
         _L + "self_attention.linear_qkv.weight",
         (_HL + "self_attn.q_proj.weight", _HL + "self_attn.k_proj.weight", _HL + "self_attn.v_proj.weight"),
         FUSED_QKV,
         (lambda a: (a.query_width, a.hidden_size), lambda a: (a.kv_width, a.hidden_size),
          lambda a: (a.kv_width, a.hidden_size)),
+        role="linear",
     ),
     TensorMapping(_L + "self_attention.linear_proj.weight", (_HL + "self_attn.o_proj.weight",), IDENTITY,
-                  (lambda a: (a.hidden_size, a.query_width),)),
-    TensorMapping(_L + "pre_mlp_layernorm.weight", (_HL + "post_attention_layernorm.weight",), IDENTITY, (_h,)),
+                  (lambda a: (a.hidden_size, a.query_width),), role="linear"),
+    TensorMapping(_L + "pre_mlp_layernorm.weight", (_HL + "post_attention_layernorm.weight",), IDENTITY, (_h,),
+                  role="norm", checkpoint_key=_L + "mlp.linear_fc1.layer_norm_weight"),
     TensorMapping(
         _L + "mlp.linear_fc1.weight",
         (_HL + "mlp.gate_proj.weight", _HL + "mlp.up_proj.weight"),
         FUSED_GLU,
         (lambda a: (a.ffn_hidden_size, a.hidden_size), lambda a: (a.ffn_hidden_size, a.hidden_size)),
+        role="linear",
     ),
     TensorMapping(_L + "mlp.linear_fc2.weight", (_HL + "mlp.down_proj.weight",), IDENTITY,
-                  (lambda a: (a.hidden_size, a.ffn_hidden_size),)),
+                  (lambda a: (a.hidden_size, a.ffn_hidden_size),), role="linear"),
+)
+
+HEAD_MAPPINGS: tuple[TensorMapping, ...] = (
+    TensorMapping("decoder.final_layernorm.weight", ("model.norm.weight",), IDENTITY, (_h,), role="norm"),
+    # Untied head: Mistral-NeMo has a separate lm_head (tie_word_embeddings False).
+    TensorMapping("output_layer.weight", ("lm_head.weight",), IDENTITY, (_vocab,), role="output"),
 )
 
 # HF tensors that carry no weights and are skipped on import (old checkpoints stored RoPE's
 # inverse frequencies, which are recomputed from rope_theta).
 IGNORED_HF_SUFFIXES = ("rotary_emb.inv_freq",)
-
-
-def megatron_shape(arch: ArchConfig, mapping: TensorMapping) -> tuple[int, ...]:
-    shapes = [s(arch) for s in mapping.hf_shapes]
-    if mapping.transform is IDENTITY:
-        return shapes[0]
-    return (sum(s[0] for s in shapes), shapes[0][1])  # both fusions concatenate along dim 0
-
-
-@dataclass(frozen=True)
-class Group:
-    """Mappings converted together: the embeddings, one layer, or the head. Conversion streams
-    one group at a time, which bounds memory to the largest group."""
-
-    name: str
-    layer: int | None
-    mappings: tuple[TensorMapping, ...]
-
-
-def groups(arch: ArchConfig) -> Iterator[Group]:
-    """Groups in checkpoint order: embeddings, layers 0..L-1, final norm + head."""
-    yield Group("embedding", None, GLOBAL_MAPPINGS[:1])
-    for layer in range(arch.num_layers):
-        yield Group(f"layer {layer}", layer, LAYER_MAPPINGS)
-    yield Group("head", None, GLOBAL_MAPPINGS[1:])
-
-
-def all_hf_names(arch: ArchConfig) -> list[str]:
-    return [n for g in groups(arch) for m in g.mappings for n in m.hf_names(g.layer)]
-
-
-def all_megatron_names(arch: ArchConfig) -> list[str]:
-    return [m.megatron_name(g.layer) for g in groups(arch) for m in g.mappings]
-
-
-def check_shape(name: str, tensor_shape, expected: tuple[int, ...], arch: ArchConfig, where: str) -> None:
-    if tuple(tensor_shape) != tuple(expected):
-        raise ConversionError(
-            f"tensor {name!r} in {where} has shape {tuple(tensor_shape)}, but architecture "
-            f"{arch.name!r} needs {tuple(expected)}"
-        )
-
-
-def hf_to_megatron(arch: ArchConfig, mapping: TensorMapping, layer: int | None, tensors: tuple[torch.Tensor, ...],
-                   where: str = "the HF checkpoint") -> torch.Tensor:
-    for name, shape_fn, t in zip(mapping.hf_names(layer), mapping.hf_shapes, tensors):
-        check_shape(name, t.shape, shape_fn(arch), arch, where)
-    return mapping.transform.to_megatron(arch, tensors)
-
-
-def megatron_to_hf(arch: ArchConfig, mapping: TensorMapping, layer: int | None, tensor: torch.Tensor,
-                   where: str = "the megatron checkpoint") -> dict[str, torch.Tensor]:
-    check_shape(mapping.megatron_name(layer), tensor.shape, megatron_shape(arch, mapping), arch, where)
-    return dict(zip(mapping.hf_names(layer), mapping.transform.to_hf(arch, tensor)))
 
 
 # ---- configs ---------------------------------------------------------------------------
@@ -197,14 +131,12 @@ def _rope_theta(config: dict) -> float:
     return float(theta)
 
 
-def arch_from_hf_config(config: dict, name: str = "hf") -> ArchConfig:
-    """ArchConfig of a Hugging Face Mistral ``config.json`` (as a dict).
+def _arch_from_hf_config(config: dict, name: str = "hf") -> ArchConfig:
+    """ArchConfig of a Hugging Face Mistral ``config.json`` (as a dict); the registry has
+    picked this family by ``model_type`` (``families.arch_from_hf_config``).
 
     Refuses what megatron's Mistral layout does not compute the same way: sliding-window
     attention, tied embeddings, activations other than SiLU, biases, scaled RoPE."""
-    model_type = config.get("model_type", "mistral")
-    if model_type != "mistral":
-        raise ConversionError(f"model_type {model_type!r} is not 'mistral'")
     if config.get("sliding_window") not in (None, 0):
         raise ConversionError(f"sliding_window={config['sliding_window']} is not supported (full attention only)")
     if config.get("tie_word_embeddings", False):
@@ -227,10 +159,11 @@ def arch_from_hf_config(config: dict, name: str = "hf") -> ArchConfig:
         norm_eps=float(config.get("rms_norm_eps", 1e-5)),
         max_position_embeddings=config.get("max_position_embeddings", 131_072),
         untie_embeddings=True,
+        family=MISTRAL_NAME,
     )
 
 
-def hf_config_from_arch(
+def _hf_config_from_arch(
     arch: ArchConfig,
     bos_token_id: int | None = 1,
     eos_token_id: int | None = 2,
@@ -244,7 +177,7 @@ def hf_config_from_arch(
         raise ConversionError(f"{arch.name}: tied embeddings are not supported")
     return {
         "architectures": ["MistralForCausalLM"],
-        "model_type": "mistral",
+        "model_type": MISTRAL_NAME,
         "hidden_size": arch.hidden_size,
         "intermediate_size": arch.ffn_hidden_size,
         "num_hidden_layers": arch.num_layers,
@@ -270,11 +203,13 @@ def hf_config_from_arch(
     }
 
 
-def check_arch_matches(expected: ArchConfig, actual: ArchConfig, what: str) -> None:
-    """Refuse when two architectures differ in anything that changes weights or math."""
-    fields = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "head_dim",
-              "ffn_hidden_size", "vocab_size", "rope_theta", "norm_eps", "untie_embeddings")
-    diffs = [f"{f}: {getattr(expected, f)} vs {getattr(actual, f)}" for f in fields
-             if getattr(expected, f) != getattr(actual, f)]
-    if diffs:
-        raise ConversionError(f"architecture {expected.name!r} does not match {what}: " + "; ".join(diffs))
+MISTRAL = register_family(ModelFamily(
+    name=MISTRAL_NAME,
+    hf_model_types=(MISTRAL_NAME,),
+    embedding_mappings=EMBEDDING_MAPPINGS,
+    layer_mappings=LAYER_MAPPINGS,
+    head_mappings=HEAD_MAPPINGS,
+    arch_from_hf_config=_arch_from_hf_config,
+    hf_config_from_arch=_hf_config_from_arch,
+    ignored_hf_suffixes=IGNORED_HF_SUFFIXES,
+))

@@ -8,6 +8,7 @@ each was consumed / written exactly once.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -24,7 +25,69 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 1000**3  # HF's "5GB" shard limit (decimal, as tra
 
 
 class CheckpointIOError(ValueError):
-    pass
+    """A checkpoint file is missing, unreadable or damaged; the message names the file."""
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+@contextlib.contextmanager
+def open_safetensors(path: Path):
+    """``safe_open`` that names the file when it is missing or damaged (safetensors' own
+    errors do not: "incomplete metadata, file not fully covered" is a truncated file)."""
+    try:
+        handle = safe_open(path, framework="pt")
+    except FileNotFoundError:
+        raise CheckpointIOError(f"{path}: not found (the folder or its index names it): download it again") from None
+    except Exception as e:  # noqa: BLE001 - SafetensorError and OSError: any unreadable file
+        raise CheckpointIOError(f"{path}: not a readable safetensors file ({_first_line(e)}): "
+                                "truncated or damaged? download it again") from None
+    with handle as f:
+        yield f
+
+
+def read_json(path: Path, what: str) -> dict:
+    """A JSON object from ``path``; errors name the file."""
+    if not path.is_file():
+        raise CheckpointIOError(f"{path} not found: {what}")
+    try:
+        data = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointIOError(f"{path}: not valid JSON ({_first_line(e)}): truncated or damaged?") from None
+    if not isinstance(data, dict):
+        raise CheckpointIOError(f"{path}: a JSON {type(data).__name__}, not an object")
+    return data
+
+
+def read_header(path: Path) -> tuple[dict, int]:
+    """(header dict, offset of the data section) of a safetensors file, reading only the header."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise CheckpointIOError(f"{path}: not a safetensors file (too short)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > 100_000_000:
+            raise CheckpointIOError(f"{path}: not a safetensors file (header length {n})")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointIOError(f"{path}: unreadable safetensors header ({e})") from None
+    return header, 8 + n
+
+
+def encode_header(header: dict) -> bytes:
+    """What precedes a safetensors file's data: the JSON header's length (8 bytes, little
+    endian) and the header, padded with spaces so that the data starts 8-byte aligned."""
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """A tensor's data as safetensors stores it (row-major, native little-endian bytes)."""
+    return memoryview(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
 class HFCheckpointReader:
@@ -32,22 +95,27 @@ class HFCheckpointReader:
 
     def __init__(self, directory: str | os.PathLike):
         self.directory = Path(directory)
+        if not self.directory.is_dir():
+            raise CheckpointIOError(f"{self.directory}: no such folder (give a Hugging Face model folder)")
         index = self.directory / INDEX_NAME
         if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = read_json(index, "").get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointIOError(f"{index}: no 'weight_map' object: not a safetensors index")
         elif (self.directory / SINGLE_NAME).exists():
-            with safe_open(self.directory / SINGLE_NAME, framework="pt") as f:
+            with open_safetensors(self.directory / SINGLE_NAME) as f:
                 weight_map = {name: SINGLE_NAME for name in f.keys()}
+        elif (self.directory / ".metadata").exists():
+            raise CheckpointIOError(f"{self.directory} is a megatron-core checkpoint, not a Hugging Face folder "
+                                    "(mcore-to-hf converts it)")
         else:
-            raise CheckpointIOError(f"{self.directory}: neither {INDEX_NAME} nor {SINGLE_NAME} found")
+            raise CheckpointIOError(f"{self.directory}: neither {INDEX_NAME} nor {SINGLE_NAME} found: "
+                                    "not a Hugging Face safetensors model folder")
         self._file_of: dict[str, str] = dict(weight_map)
         self._consumed: set[str] = set()
 
     def config(self) -> dict:
-        path = self.directory / "config.json"
-        if not path.exists():
-            raise CheckpointIOError(f"{path} not found")
-        return json.loads(path.read_text())
+        return read_json(self.directory / "config.json", "a Hugging Face model folder has one")
 
     def names(self) -> list[str]:
         return list(self._file_of)
@@ -58,7 +126,7 @@ class HFCheckpointReader:
 
     def shape(self, name: str) -> tuple[int, ...]:
         """Shape from the file header (no tensor data is read)."""
-        with safe_open(self.directory / self._file_of[name], framework="pt") as f:
+        with open_safetensors(self.directory / self._file_of[name]) as f, self._reading(name):
             return tuple(f.get_slice(name).get_shape())
 
     def read(self, name: str) -> torch.Tensor:
@@ -67,10 +135,18 @@ class HFCheckpointReader:
             raise CheckpointIOError(f"tensor {name!r} is missing from the HF checkpoint {self.directory}")
         if name in self._consumed:
             raise CheckpointIOError(f"tensor {name!r} was read twice")
-        with safe_open(self.directory / self._file_of[name], framework="pt") as f:
+        with open_safetensors(self.directory / self._file_of[name]) as f, self._reading(name):
             tensor = f.get_tensor(name)
         self._consumed.add(name)
         return tensor
+
+    @contextlib.contextmanager
+    def _reading(self, name: str):
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001 - SafetensorError: e.g. the index names a tensor its file lacks
+            path = self.directory / self._file_of[name]
+            raise CheckpointIOError(f"{path}: cannot read tensor {name!r} ({_first_line(e)})") from None
 
     def skip(self, name: str) -> None:
         """Mark a tensor as deliberately not converted."""
@@ -138,10 +214,8 @@ class ShardedSafetensorsWriter:
             header[p.name] = {"dtype": _SAFETENSORS_DTYPES[p.dtype], "shape": list(p.shape),
                               "data_offsets": [offset, offset + p.nbytes]}
             offset += p.nbytes
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
         self._file = open(self.directory / (self._file_names[i] + ".partial"), "wb")
-        self._file.write(struct.pack("<Q", len(raw)) + raw)
+        self._file.write(encode_header(header))
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         if self._next >= len(self._plan):
@@ -157,9 +231,8 @@ class ShardedSafetensorsWriter:
         shard = self._shard_of[self._next]
         if self._file is None:
             self._open_shard(shard)
-        flat = tensor.detach().contiguous().reshape(-1)
-        if flat.numel():
-            self._file.write(memoryview(flat.view(torch.uint8).numpy()))
+        if tensor.numel():
+            self._file.write(tensor_bytes(tensor))
         self._next += 1
         if self._next == len(self._plan) or self._shard_of[self._next] != shard:
             self._file.close()

@@ -12,9 +12,17 @@ class UnknownArchitectureError(KeyError):
     pass
 
 
+# The model family of an architecture that names none: every named architecture, and every
+# checkpoint written before architectures named their family (normistral_model.json).
+DEFAULT_FAMILY = "mistral"
+
+
 @dataclass(frozen=True)
 class ArchConfig:
-    """A Mistral-family decoder: GQA attention with RoPE, SwiGLU FFN, RMSNorm, no biases."""
+    """A decoder with GQA attention and RoPE, SwiGLU FFN, RMSNorm, no biases.
+
+    ``family`` names the model family (``convert.families``) whose mapping names its
+    parameters and translates its Hugging Face checkpoints."""
 
     name: str
     num_layers: int
@@ -28,6 +36,7 @@ class ArchConfig:
     norm_eps: float = 1e-5
     max_position_embeddings: int = 131_072
     untie_embeddings: bool = True
+    family: str = DEFAULT_FAMILY
 
     def __post_init__(self):
         if self.num_attention_heads % self.num_query_groups:

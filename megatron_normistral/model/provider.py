@@ -13,8 +13,18 @@ import torch
 import torch.nn.functional as F
 
 from megatron_normistral.model.architectures import ArchConfig, get_architecture
-from megatron_normistral.model.specs import TransformerImpl, decoder_block_spec, resolve_transformer_impl
+from megatron_normistral.model.specs import (
+    AttentionBackend,
+    TransformerImpl,
+    decoder_block_spec,
+    describe_attention_backend,
+    resolve_attention_backend,
+    resolve_transformer_impl,
+)
 from megatron_normistral.runtime.parallel import ParallelConfig
+from megatron_normistral.runtime.logs import get_logger
+
+log = get_logger(__name__)
 
 
 class ModelConfigError(ValueError):
@@ -23,13 +33,23 @@ class ModelConfigError(ValueError):
 
 @dataclass
 class PrecisionConfig:
-    """Numerics. FP8 needs Transformer Engine; ``fp8_format`` None means no FP8."""
+    """The recipe's ``precision`` section: numerics. FP8 needs Transformer Engine layers."""
 
     bf16: bool = False
+    """bf16 parameters and activations (the optimizer keeps fp32 master weights). It also sets
+    the optimizer's bf16 and params_dtype (not settable there)."""
+
     fp8_format: Literal["hybrid", "e4m3"] | None = None
+    """FP8 through Transformer Engine: hybrid or e4m3; None: no FP8."""
+
     fp8_recipe: Literal["delayed", "tensorwise"] = "delayed"
+    """FP8 scaling recipe: delayed or tensorwise."""
+
     fp8_amax_history_len: int = 1024
+    """FP8 delayed scaling: length of the amax history."""
+
     fp8_amax_compute_algo: Literal["max", "most_recent"] = "max"
+    """FP8 delayed scaling: the scale comes from the max of the amax history, or its most recent value."""
 
     @property
     def params_dtype(self) -> torch.dtype:
@@ -38,17 +58,38 @@ class PrecisionConfig:
 
 @dataclass
 class ModelConfig:
-    """Which architecture to build and how."""
+    """The recipe's ``model`` section: which architecture to build and how."""
 
     arch: str = "tiny"
-    vocab_size: int | None = None  # override the architecture's vocabulary (e.g. a new tokenizer)
-    num_layers: int | None = None  # override the depth (benchmarks build slices of the 40 layers)
+    """Architecture name (mistral-nemo-12b, normistral-11b, tiny, tiny-tekken, ...: model/architectures.py)."""
+
+    vocab_size: int | None = None
+    """Override the architecture's vocabulary size (e.g. a new tokenizer)."""
+
+    num_layers: int | None = None
+    """Override the number of layers (benchmarks build slices of the 40 layers)."""
+
     transformer_impl: TransformerImpl = "auto"
-    # 'arbitrary' makes Transformer Engine honour per-sample masks (hybrid objective).
+    """Layer implementation: auto (Transformer Engine if importable with CUDA, else local),
+    local, or transformer_engine."""
+
+    attention_backend: AttentionBackend = "auto"
+    """Core attention (model/attention.py): auto (flex on CUDA/ROCm, sdpa elsewhere), flex
+    (FlexAttention, block-sparse document mask), sdpa (per-document flash attention), or dense
+    (megatron-core's attention with a [b, 1, s, s] mask)."""
+
     attention_mask: Literal["causal", "arbitrary"] = "causal"
+    """Dense backend only: the layer spec's mask type, causal or arbitrary (Transformer Engine
+    honours a mask only with arbitrary)."""
+
     init_method_std: float = 0.02
+    """Standard deviation of the normal weight init (for weights not loaded from a checkpoint)."""
+
     recompute_granularity: Literal["full", "selective"] | None = None
+    """Activation recomputation: full or selective; None: none."""
+
     recompute_num_layers: int = 1
+    """Layers per recomputation block (full recomputation)."""
 
     def architecture(self) -> ArchConfig:
         overrides = {}
@@ -80,13 +121,28 @@ def validate_layout(arch: ArchConfig, parallel: ParallelConfig) -> None:
         raise ModelConfigError(f"{arch.name}: " + "; ".join(problems))
 
 
+def validate_attention(model: ModelConfig) -> tuple[str, str]:
+    """(attention backend, layer implementation) that will run, or a one-line error."""
+    try:
+        impl = resolve_transformer_impl(model.transformer_impl)
+        backend = resolve_attention_backend(model.attention_backend)
+    except (RuntimeError, ValueError) as exc:
+        raise ModelConfigError(str(exc)) from None
+    if backend == "dense" and impl == "transformer_engine" and model.attention_mask == "causal":
+        raise ModelConfigError(
+            "model.attention_backend: dense with Transformer Engine layers and attention_mask: causal would "
+            "silently ignore the document mask; set model.attention_mask: arbitrary, or attention_backend: auto"
+        )
+    return backend, impl
+
+
 def transformer_config(model: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig):
     """megatron-core TransformerConfig for this architecture, layout and precision."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     arch = model.architecture()
     validate_layout(arch, parallel)
-    impl = resolve_transformer_impl(model.transformer_impl)
+    _, impl = validate_attention(model)
     if precision.fp8_format is not None and impl != "transformer_engine":
         raise ModelConfigError(
             f"fp8_format={precision.fp8_format!r} needs Transformer Engine layers; "
@@ -142,20 +198,22 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, precision: 
 
 def build_model(model: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig, max_sequence_length: int):
     """GPTModel chunks of this process (parallel state must be initialised). Not yet wrapped
-    for training (no DDP / Float16Module): see ``training.setup``."""
+    for training (no DDP / Float16Module): see ``training.ddp``."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
     config = transformer_config(model, parallel, precision)
     arch = model.architecture()
-    impl = resolve_transformer_impl(model.transformer_impl)
+    backend, impl = validate_attention(model)
+    log.info(f"attention: {backend} ({describe_attention_backend(backend)}; model.attention_backend: "
+             f"{model.attention_backend}), {impl} layers")
     vpp = parallel.virtual_pipeline_model_parallel_size
     chunks = []
     for vp_stage in range(vpp) if vpp else [None]:
         chunks.append(
             GPTModel(
                 config=config,
-                transformer_layer_spec=decoder_block_spec(config, impl, vp_stage, model.attention_mask),
+                transformer_layer_spec=decoder_block_spec(config, impl, vp_stage, model.attention_mask, backend),
                 vocab_size=arch.vocab_size,
                 max_sequence_length=max_sequence_length,
                 pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),

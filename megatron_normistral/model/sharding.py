@@ -86,11 +86,12 @@ def load_full_state_dict(chunks: Iterable[torch.nn.Module], full: dict[str, torc
                 param.copy_(shard)
 
 
-def gather_full_state_dict(chunks: Iterable[torch.nn.Module]) -> dict[str, torch.Tensor]:
+def gather_full_state_dict(chunks: Iterable[torch.nn.Module], tensor_of=None) -> dict[str, torch.Tensor]:
     """The full state dict, assembled from all TP and PP ranks; returned on every rank.
 
     Collective over the whole world (every rank must call it). DP replicas hold the same
-    weights; the copy of DP rank 0 is used.
+    weights; the copy of DP rank 0 is used. ``tensor_of(param)`` gathers another tensor laid
+    out like each parameter instead (e.g. its ``main_grad``).
     """
     from megatron.core import parallel_state
 
@@ -100,7 +101,7 @@ def gather_full_state_dict(chunks: Iterable[torch.nn.Module]) -> dict[str, torch
     for chunk in chunks:
         chunk = unwrap_model(chunk)
         for name, param in chunk.named_parameters():
-            data = param.detach().float().contiguous()
+            data = (param if tensor_of is None else tensor_of(param)).detach().float().contiguous()
             if tp_size > 1 and getattr(param, "tensor_model_parallel", False):
                 shards = [torch.empty_like(data) for _ in range(tp_size)]
                 dist.all_gather(shards, data, group=tp_group)

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 TransformerImpl = Literal["auto", "local", "transformer_engine"]
+# The core attention (model/attention.py explains each).
+AttentionBackend = Literal["auto", "flex", "sdpa", "dense"]
 
 
 def transformer_engine_available() -> bool:
@@ -38,6 +40,28 @@ def resolve_transformer_impl(impl: TransformerImpl) -> Literal["local", "transfo
             "Use transformer_impl='local' or 'auto'."
         )
     return impl
+
+
+def resolve_attention_backend(backend: AttentionBackend) -> Literal["flex", "sdpa", "dense"]:
+    """The backend that runs here for the configured one: 'auto' is the fast one for the device."""
+    if backend not in ("auto", "flex", "sdpa", "dense"):
+        raise ValueError(f"attention_backend must be auto, flex, sdpa or dense, got {backend!r}")
+    if backend == "auto":
+        return "flex" if torch.cuda.is_available() else "sdpa"
+    if backend == "flex" and not torch.cuda.is_available():
+        raise ValueError(
+            "attention_backend 'flex' needs CUDA or ROCm: torch has no FlexAttention backward on CPU; "
+            "use 'auto' or 'sdpa' (the per-document flash path)"
+        )
+    return backend
+
+
+def describe_attention_backend(backend: str) -> str:
+    return {
+        "flex": "FlexAttention with a block-sparse document mask, compiled once",
+        "sdpa": "scaled_dot_product_attention per document, flash kernels",
+        "dense": "megatron-core attention with a dense [b, 1, s, s] mask from the document description",
+    }[backend]
 
 
 class RMSNorm(nn.Module):
@@ -64,17 +88,38 @@ def _attn_mask_type(mask: Literal["causal", "arbitrary"]):
     return {"causal": AttnMaskType.causal, "arbitrary": AttnMaskType.arbitrary}[mask]
 
 
+def core_attention_class(backend: Literal["flex", "sdpa", "dense"], impl: Literal["local", "transformer_engine"]):
+    """The core attention of the layer spec: ours for the fast backends (with either layer
+    implementation: TE linears and norms, this core attention), megatron-core's own for dense."""
+    from megatron_normistral.model import attention
+
+    if backend == "flex":
+        return attention.FlexDocumentAttention
+    if backend == "sdpa":
+        return attention.SdpaDocumentAttention
+    if impl == "transformer_engine":
+        from megatron.core.extensions.transformer_engine import TEDotProductAttention
+
+        return attention.dense_attention(TEDotProductAttention)
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    return attention.dense_attention(DotProductAttention)
+
+
 def decoder_block_spec(
     transformer_config,
     impl: Literal["local", "transformer_engine"],
     vp_stage: int | None = None,
     attention_mask: Literal["causal", "arbitrary"] = "causal",
+    attention_backend: Literal["flex", "sdpa", "dense"] = "dense",
 ):
     """Block spec (layers of this pipeline stage + final norm) for one model chunk.
 
-    ``attention_mask``: with 'causal' and no mask tensor, attention is causal; with a mask
-    tensor given (``[b, 1, s, s]`` bool, True = masked), the local attention uses it verbatim
-    either way. Transformer Engine only honours a given mask with 'arbitrary'.
+    ``attention_backend`` (resolved: see ``model.attention``) picks the core attention; every
+    backend reads the batch's document description. ``attention_mask`` matters only for the
+    dense path: with 'causal' and no mask, attention is causal; a given mask is used verbatim
+    by the local attention either way, but Transformer Engine honours it only with 'arbitrary'
+    (``provider.validate_attention`` refuses the silent combination).
     """
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,
@@ -93,6 +138,7 @@ def decoder_block_spec(
         layer.submodules.pre_mlp_layernorm = RMSNorm
         final_norm = RMSNorm
     layer.submodules.self_attention.params["attn_mask_type"] = _attn_mask_type(attention_mask)
+    layer.submodules.self_attention.submodules.core_attention = core_attention_class(attention_backend, impl)
     num_layers = get_num_layers_to_build(transformer_config, vp_stage=vp_stage)
     # A block spec (not a layer spec) so that the final norm is ours too: with a layer spec
     # TransformerBlock falls back to the module-global norm, which refuses SP.

@@ -1,7 +1,7 @@
 """HF Mistral <-> megatron-core checkpoints, end to end on the tiny architecture (head_dim 32
 != hidden/heads 16, GQA 4 heads / 2 groups), CPU + gloo.
 
-One spawn of 4 processes runs every layout in turn (see ``convert.testing_workers``):
+One spawn of 4 processes runs every layout in turn (see ``testing.convert_workers``):
 TP2 PP2 loads the converted checkpoint and saves its own; TP2, PP2 and TP1 load the converted
 one; PP2, PP2+VPP2 and TP1 load the TP2 PP2 save; the VPP one saves again like a training
 checkpoint (with extra non-model keys), which TP1 loads and mcore-to-hf exports.
@@ -13,8 +13,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from megatron_normistral.convert import ConversionError, hf_mcore, mistral
-from megatron_normistral.convert.testing_workers import Step, make_hf_checkpoint, make_tokenizer, run_steps
+from megatron_normistral.convert import ConversionError, families, hf_mcore, mistral
+from megatron_normistral.testing.convert_workers import Step, make_hf_checkpoint, make_tokenizer, run_steps
 from megatron_normistral.model.architectures import get_architecture
 from megatron_normistral.testing.distributed import run_distributed
 
@@ -77,10 +77,10 @@ def hf_reference(work, hf_model, prompts):
 def expected_megatron(hf_model):
     """The full TP=1 megatron state dict the mapping makes of the HF weights."""
     out = {}
-    for group in mistral.groups(TINY):
+    for group in mistral.MISTRAL.groups(TINY):
         for m in group.mappings:
             hf = tuple(hf_model[n] for n in m.hf_names(group.layer))
-            out[m.megatron_name(group.layer)] = mistral.hf_to_megatron(TINY, m, group.layer, hf)
+            out[m.megatron_name(group.layer)] = families.hf_to_megatron(TINY, m, group.layer, hf)
     return out
 
 

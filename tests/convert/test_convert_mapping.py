@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from megatron_normistral.convert import ConversionError, arch_from_hf_config, hf_config_from_arch
-from megatron_normistral.convert import mistral
+from megatron_normistral.convert import families, mistral
 from megatron_normistral.convert.safetensors_io import (
     CheckpointIOError,
     HFCheckpointReader,
@@ -71,8 +71,8 @@ def test_glu_fusion_is_gate_then_up():
 
 
 def test_mapping_covers_every_hf_and_megatron_tensor_once():
-    hf = mistral.all_hf_names(TINY)
-    meg = mistral.all_megatron_names(TINY)
+    hf = mistral.MISTRAL.hf_names(TINY)
+    meg = mistral.MISTRAL.megatron_names(TINY)
     assert len(hf) == len(set(hf)) == 2 + 1 + 9 * TINY.num_layers
     assert len(meg) == len(set(meg)) == 3 + 6 * TINY.num_layers
 
@@ -82,9 +82,9 @@ def test_wrong_shape_is_refused_by_name():
     q = torch.zeros(128, 64)
     k_bad = torch.zeros(48, 64)  # head_dim 24 instead of 32
     with pytest.raises(ConversionError, match=r"model\.layers\.3\.self_attn\.k_proj\.weight.*\(48, 64\).*\(64, 64\)"):
-        mistral.hf_to_megatron(TINY, mapping, 3, (q, k_bad, torch.zeros(64, 64)))
+        families.hf_to_megatron(TINY, mapping, 3, (q, k_bad, torch.zeros(64, 64)))
     with pytest.raises(ConversionError, match=r"decoder\.layers\.2\.self_attention\.linear_qkv\.weight"):
-        mistral.megatron_to_hf(TINY, mapping, 2, torch.zeros(255, 64))
+        families.megatron_to_hf(TINY, mapping, 2, torch.zeros(255, 64))
 
 
 def _plan(tensors):
