@@ -35,6 +35,7 @@ ext_modules = [
         "megatron_normistral._helpers",
         sorted(glob.glob("csrc/*.cpp")),
         include_dirs=["csrc"],
+        depends=sorted(glob.glob("csrc/*.h")),  # the shared core (helpers.h): a change rebuilds every .cpp
         cxx_std=17,
         extra_compile_args=["-O3"],
     )
@@ -70,6 +71,8 @@ setup(
         "te": ["transformer-engine[pytorch]"],
         "apex": ["apex"],
         "test": ["pytest", "hypothesis", "matplotlib"],
+        # Parquet files and saved Hugging Face dataset folders as inputs (JSONL needs neither).
+        "data": ["datasets", "pyarrow"],
     },
     zip_safe=False,
 )

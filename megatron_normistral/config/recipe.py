@@ -1,142 +1,87 @@
-"""A training recipe: the typed configs of every component, read from YAML and overridden on
-the command line with Megatron-LM's flag names.
+"""A training recipe: the sections of every component, read from YAML and overridden on the
+command line with Megatron-LM's flag names.
 
-Each component owns its dataclass (ParallelConfig in runtime/, ModelConfig in model/, ...);
-this module only composes them, parses, and validates the combination before any process
-group is created. There is no global args object: the recipe is passed down explicitly.
+Each component owns its section's dataclass, next to the code that uses it (see
+:class:`Recipe`); two of them are megatron-core's own config classes, subclassed
+(``optimizer``, ``ddp``). This module only composes the sections, parses them (YAML, flags),
+and validates the combination before any process group is created. What a section offers and
+the help of every field come from the dataclasses themselves (:mod:`.fields`). There is no
+global args object: the recipe is passed down explicitly.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import os
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
 
 import yaml
 
+from megatron_normistral.config.fields import (
+    Note,
+    convert,
+    field_help,
+    field_type,
+    old_names,
+    read_section,
+    section_fields,
+    strip_optional,
+)
 from megatron_normistral.data.objective import ObjectiveConfig
-from megatron_normistral.model.provider import ModelConfig, ModelConfigError, PrecisionConfig, validate_layout
+from megatron_normistral.model.architectures import UnknownArchitectureError
+from megatron_normistral.model.provider import ModelConfig, ModelConfigError, PrecisionConfig, validate_attention, validate_layout
 from megatron_normistral.runtime.parallel import ParallelConfig, ParallelConfigError
-from megatron_normistral.training.setup import OptimizerConfig
+from megatron_normistral.training.checkpointer import CheckpointConfig
+from megatron_normistral.training.data_setup import DataConfig
+from megatron_normistral.training.ddp import DDPConfig
+from megatron_normistral.training.errors import RecipeError
+from megatron_normistral.training.evaluator import EvalConfig
+from megatron_normistral.training.loop import TrainConfig
+from megatron_normistral.training.metrics import LoggingConfig
+from megatron_normistral.training.optimizer import OptimizerConfig
+from megatron_normistral.training.schedule import ScheduleConfig
+from megatron_normistral.training.stages import StageConfig
+from megatron_normistral.runtime.logs import get_logger
 
+log = get_logger(__name__)
 
-class RecipeError(ValueError):
-    pass
-
-
-@dataclass
-class TrainConfig:
-    micro_batch_size: int = 1
-    global_batch_size: int = 8
-    seq_length: int = 128
-    train_iters: int = 10
-    seed: int = 1234
-    # Fault injection for tests of non-finite handling: the loss of these steps is made NaN.
-    inject_nonfinite_steps: list[int] = field(default_factory=list)
-    # Stop (with a message; the last good checkpoint stays 'latest') after this many
-    # non-finite steps in a row. Each one is skipped and counted.
-    max_nonfinite_steps_in_row: int = 5
-    # 'micro_batch': mean over counted tokens per micro-batch, micro-batches weighted equally
-    # (the authors'); 'token': every counted token in the global batch weighs the same.
-    loss_weighting: Literal["micro_batch", "token"] = "micro_batch"
-
-
-@dataclass
-class ScheduleConfig:
-    style: Literal["constant", "cosine", "wsd"] = "constant"
-    warmup_iters: int = 0
-    # cosine: decay from the end of warmup to `decay_iters` (default: train_iters).
-    # wsd (warmup-stable-decay): the last `decay_iters` steps decay linearly to min_lr.
-    decay_iters: int | None = None
-
-
-@dataclass
-class StageConfig:
-    # 'embeddings' = stage 2 (only input embeddings and LM head train); 'full' = stage 3.
-    trainable: Literal["embeddings", "full"] = "full"
-    # Switch from 'embeddings' to 'full' at this step within one run (None: never).
-    switch_to_full_at: int | None = None
-
-
-@dataclass
-class CorpusEntry:
-    prefix: str
-    language: str
-    weight: float
-    max_epochs: float = math.inf
-
-
-@dataclass
-class EvalSet:
-    language: str
-    path: str  # JSON Lines (optionally .gz) with a "text" key: held-out documents
-
-
-@dataclass
-class MixtureChange:
-    at_step: int  # these weights apply from this step on (earlier samples are unchanged)
-    corpora: list[CorpusEntry] = field(default_factory=list)
-
-
-@dataclass
-class DataConfig:
-    tokenizer: str = ""  # tokenizer of the training data (HF folder, .model, or 'tekken')
-    corpora: list[CorpusEntry] = field(default_factory=list)
-    eval_sets: list[EvalSet] = field(default_factory=list)
-    mixture_changes: list[MixtureChange] = field(default_factory=list)
-    cache_dir: str | None = None  # mixture-index cache (default: <save>/data-cache)
-    allow_redistribute: bool = False  # over an epoch cap: move weight to the others instead of failing
-
-
-@dataclass
-class CheckpointConfig:
-    save: str | None = None  # directory of training checkpoints (iter_XXXXXXX + 'latest')
-    load: str | None = None  # resume from this directory's 'latest' if it has one
-    pretrained_checkpoint: str | None = None  # model-only start (tools/convert_checkpoint.py hf-to-mcore)
-    save_interval: int | None = None
-    keep_last: int | None = None  # delete older checkpoints, keeping this many
-    exit_duration_in_mins: float | None = None  # save and stop after this much wall time
-    exit_interval: int | None = None  # save and stop at the first step divisible by this
-    exit_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
-
-
-@dataclass
-class LoggingConfig:
-    log_interval: int = 1
-    log_json: str | None = None  # append one JSON object per step to this file
-    tensorboard_dir: str | None = None
-    # Peak dense bf16 FLOP/s of one device, for MFU (e.g. 989e12 for H100 SXM). None: not shown.
-    peak_flops_per_device: float | None = None
-
-
-@dataclass
-class EvalConfig:
-    eval_interval: int | None = None  # also evaluated at the end when eval sets exist
-    eval_max_tokens: int = 65_536  # tokens per language per evaluation
+__all__ = ["MEGATRON_FLAGS", "Recipe", "RecipeError", "build_parser", "flag_name", "load_recipe", "parse_recipe",
+           "validate_recipe"]
 
 
 @dataclass
 class Recipe:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
-    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    training: TrainConfig = field(default_factory=TrainConfig)
-    stage: StageConfig = field(default_factory=StageConfig)
-    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
-    evaluation: EvalConfig = field(default_factory=EvalConfig)
+    """Every section of a run; each is the dataclass of the component that uses it."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)  # model/provider.py
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)  # runtime/parallel.py
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)  # model/provider.py
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)  # training/optimizer.py (megatron-core's)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)  # training/schedule.py
+    training: TrainConfig = field(default_factory=TrainConfig)  # training/loop.py
+    stage: StageConfig = field(default_factory=StageConfig)  # training/stages.py
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)  # data/objective.py
+    data: DataConfig = field(default_factory=DataConfig)  # training/data_setup.py (corpora: data/mixture.py)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  # training/checkpointer.py
+    logging: LoggingConfig = field(default_factory=LoggingConfig)  # training/metrics.py
+    evaluation: EvalConfig = field(default_factory=EvalConfig)  # training/evaluator.py
+    ddp: DDPConfig = field(default_factory=DDPConfig)  # training/ddp.py (megatron-core's)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Every setting, as a YAML recipe gives it (what --print-config prints; load_recipe
+        reads it back)."""
+        return {name: {f.name: _plain(getattr(section, f.name)) for f in section_fields(type(section))}
+                for name, section in self.sections()}
+
+    def sections(self) -> list[tuple[str, object]]:
+        return [(f.name, getattr(self, f.name)) for f in dataclasses.fields(self)]
+
+
+def _plain(value):
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
 
 
 # Megatron-LM flag names users know -> (section, field). Every field is also settable as
@@ -165,153 +110,32 @@ MEGATRON_FLAGS = {
     "--fp8-amax-history-len": ("precision", "fp8_amax_history_len"),
     "--save": ("checkpoint", "save"),
     "--load": ("checkpoint", "load"),
-    "--pretrained-checkpoint": ("checkpoint", "pretrained_checkpoint"),
+    "--pretrained-checkpoint": ("checkpoint", "pretrained"),
     "--save-interval": ("checkpoint", "save_interval"),
     "--exit-duration-in-mins": ("checkpoint", "exit_duration_in_mins"),
     "--exit-interval": ("checkpoint", "exit_interval"),
-    "--eval-interval": ("evaluation", "eval_interval"),
-    "--log-interval": ("logging", "log_interval"),
-    "--log-json": ("logging", "log_json"),
+    "--dist-ckpt-optim-fully-reshardable": ("checkpoint", "dist_ckpt_optim_fully_reshardable"),
+    "--eval-interval": ("evaluation", "interval"),
+    "--log-interval": ("logging", "interval"),
+    "--log-json": ("logging", "json"),
     "--tensorboard-dir": ("logging", "tensorboard_dir"),
     "--recompute-granularity": ("model", "recompute_granularity"),
-}
-
-HELP = {
-    "parallel.tensor_model_parallel_size": "tensor-parallel size (TP): splits attention heads and FFN over this many GPUs",
-    "parallel.pipeline_model_parallel_size": "pipeline-parallel size (PP): splits the layers into this many stages",
-    "parallel.num_layers_per_virtual_pipeline_stage": "layers per virtual stage: enables the interleaved 1F1B schedule",
-    "parallel.virtual_pipeline_model_parallel_size": "model chunks per pipeline rank (interleaved schedule); or use --num-layers-per-virtual-pipeline-stage",
-    "parallel.sequence_parallel": "sequence parallelism: shard norms/dropout activations over the TP group (needs TP > 1)",
-    "parallel.use_distributed_optimizer": "shard optimizer state over data-parallel ranks (ZeRO-1)",
-    "training.micro_batch_size": "sequences per micro-batch per data-parallel rank",
-    "training.global_batch_size": "sequences per optimizer step over all ranks; must be a multiple of micro-batch x DP",
-    "training.seq_length": "tokens per sequence (windows of seq_length + 1 are read for the shift)",
-    "training.train_iters": "optimizer steps in the run",
-    "training.seed": "seed of model init and of the data order / objective (the data depend on it only)",
-    "training.inject_nonfinite_steps": "testing: make the loss NaN at these steps (comma-separated)",
-    "training.max_nonfinite_steps_in_row": "stop after this many consecutive non-finite (skipped) steps",
-    "training.loss_weighting": "micro_batch (authors': mean per micro-batch) or token (every counted token equal)",
-    "optimizer.lr": "peak learning rate",
-    "optimizer.min_lr": "learning rate at the end of decay (cosine, wsd)",
-    "optimizer.weight_decay": "AdamW weight decay",
-    "optimizer.adam_beta1": "AdamW beta1",
-    "optimizer.adam_beta2": "AdamW beta2",
-    "optimizer.adam_eps": "AdamW epsilon",
-    "optimizer.clip_grad": "clip the global gradient norm to this (0: no clipping)",
-    "optimizer.decay_norms_and_biases": "also apply weight decay to norm weights and biases",
-    "schedule.style": "learning-rate schedule after warmup: constant, cosine, or wsd (warmup-stable-decay)",
-    "schedule.warmup_iters": "linear warmup steps from 0 to lr",
-    "schedule.decay_iters": "cosine: step where decay ends (default train_iters); wsd: length of the final decay",
-    "precision.bf16": "bf16 parameters and activations (fp32 master weights in the optimizer)",
-    "precision.fp8_format": "FP8 via Transformer Engine: hybrid or e4m3 (needs TE layers)",
-    "precision.fp8_recipe": "FP8 scaling recipe: delayed or tensorwise",
-    "precision.fp8_amax_history_len": "FP8 delayed scaling: amax history length",
-    "precision.fp8_amax_compute_algo": "FP8 delayed scaling: max or most_recent",
-    "model.arch": "architecture name (mistral-nemo-12b, normistral-11b, tiny, tiny-tekken, ...)",
-    "model.vocab_size": "override the architecture's vocabulary size (a new tokenizer)",
-    "model.num_layers": "override the number of layers",
-    "model.transformer_impl": "auto (Transformer Engine if importable with CUDA), local, or transformer_engine",
-    "model.attention_mask": "causal or arbitrary: attention-mask type of the layer spec (arbitrary for TE with per-sample masks)",
-    "model.init_method_std": "std of the normal weight init (for layers not loaded from a checkpoint)",
-    "model.recompute_granularity": "activation recomputation: full or selective",
-    "model.recompute_num_layers": "layers per recomputation block (full)",
-    "stage.trainable": "embeddings (stage 2: only embeddings + LM head train) or full (stage 3)",
-    "stage.switch_to_full_at": "switch from embeddings-only to full training at this step",
-    "objective.masked_fraction": "share of sequences trained with masked next-token prediction (rest: causal)",
-    "objective.mask_rate": "share of a masked sequence's tokens chosen for masking",
-    "objective.max_span": "masked spans have lengths 1..max_span",
-    "objective.mask_prob": "chosen span -> <mask> with this probability",
-    "objective.random_prob": "chosen span -> random tokens with this probability (else kept)",
-    "objective.num_special_tokens": "ids below this are specials: never masked, never scored",
-    "objective.attention": "document (block-diagonal over packed documents) or causal (whole sequence)",
-    "objective.seed": "seed of the objective (modes, spans); results depend on it and the global sample index only",
-    "data.tokenizer": "tokenizer of the corpora (for evaluation text and special ids)",
-    "data.corpora": "corpora: list of {prefix, language, weight, max_epochs} (YAML)",
-    "data.eval_sets": "held-out sets: list of {language, path to JSONL} (YAML)",
-    "data.mixture_changes": "new corpus weights from a step on: list of {at_step, corpora} (YAML)",
-    "data.cache_dir": "where the mixture index is cached (default <save>/data-cache)",
-    "data.allow_redistribute": "over an epoch cap, move the excess weight to the other corpora instead of failing",
-    "checkpoint.save": "directory for training checkpoints",
-    "checkpoint.load": "resume from this directory's latest checkpoint (if any)",
-    "checkpoint.pretrained_checkpoint": "model weights to start from (megatron checkpoint from tools/convert_checkpoint.py)",
-    "checkpoint.save_interval": "save every N steps",
-    "checkpoint.keep_last": "keep only the newest K checkpoints",
-    "checkpoint.exit_duration_in_mins": "save and exit after this many minutes of wall time",
-    "checkpoint.exit_interval": "save and exit at the first step divisible by N (resumable)",
-    "checkpoint.exit_signals": "signals that trigger a save and a clean exit (SLURM sends SIGUSR1 before the end)",
-    "logging.log_interval": "print a line every N steps",
-    "logging.log_json": "append one JSON object per step to this file",
-    "logging.tensorboard_dir": "write TensorBoard events here",
-    "logging.peak_flops_per_device": "peak FLOP/s of one device, to report MFU",
-    "evaluation.eval_interval": "evaluate on the held-out sets every N steps (and at the end)",
-    "evaluation.eval_max_tokens": "held-out tokens per language per evaluation",
+    "--num-layers": ("model", "num_layers"),
+    "--overlap-grad-reduce": ("ddp", "overlap_grad_reduce"),
+    "--overlap-param-gather": ("ddp", "overlap_param_gather"),
+    "--ddp-bucket-size": ("ddp", "bucket_size"),
 }
 
 
-def _field_type(cls, name: str):
-    return typing.get_type_hints(cls)[name]
+def print_note(message: str) -> None:
+    """A one-line note on stderr, from global rank 0 only (every rank reads the recipe)."""
+    if os.environ.get("RANK", "0") == "0":  # before torch.distributed: the launcher's rank
+        log.warning(f"note: {message}")
 
 
-def _strip_optional(tp):
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) == 1:
-            return args[0]
-    return tp
-
-
-def _convert(value: Any, tp, where: str):
-    """Coerce a YAML or command-line value to the field's type, with a clear error."""
-    tp = _strip_optional(tp)
-    if value is None:
-        return None
-    origin = typing.get_origin(tp)
-    try:
-        if tp is bool:
-            if isinstance(value, bool):
-                return value
-            if str(value).lower() in ("true", "1", "yes"):
-                return True
-            if str(value).lower() in ("false", "0", "no"):
-                return False
-            raise ValueError(f"expected true/false, got {value!r}")
-        if tp is int:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError(f"expected an integer, got {value!r}")
-            return int(value)
-        if tp is float:
-            return float(value)
-        if tp is str:
-            return str(value)
-        if origin is Literal:
-            choices = typing.get_args(tp)
-            if value not in choices:
-                raise ValueError(f"expected one of {list(choices)}, got {value!r}")
-            return value
-        if origin is list:
-            (item_tp,) = typing.get_args(tp)
-            if isinstance(value, str):
-                value = [v for v in value.split(",") if v]
-            if dataclasses.is_dataclass(item_tp):
-                return [_build(item_tp, v, f"{where}[{i}]") for i, v in enumerate(value)]
-            return [_convert(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
-    except (TypeError, ValueError) as exc:
-        raise RecipeError(f"{where}: {exc}") from None
-    return value
-
-
-def _build(cls, data: dict, where: str):
-    if not isinstance(data, dict):
-        raise RecipeError(f"{where}: expected a mapping, got {type(data).__name__}")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise RecipeError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
-    return cls(**{k: _convert(v, _field_type(cls, k), f"{where}.{k}") for k, v in data.items()})
-
-
-def load_recipe(path: str | os.PathLike | None) -> Recipe:
-    """Read a YAML recipe (sections = Recipe fields). Unknown keys are errors."""
+def load_recipe(path: str | os.PathLike | None, note: Note = print_note) -> Recipe:
+    """Read a YAML recipe (sections = Recipe fields). Unknown keys are errors; old names of
+    renamed fields are read, with a note."""
     if path is None:
         return Recipe()
     path = Path(path)
@@ -321,21 +145,35 @@ def load_recipe(path: str | os.PathLike | None) -> Recipe:
         raise RecipeError(f"{path}: no such recipe file") from None
     except yaml.YAMLError as exc:
         raise RecipeError(f"{path}: not valid YAML: {exc}") from None
-    sections = {f.name: f for f in dataclasses.fields(Recipe)}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
+    recipe = Recipe()
+    sections = dict(recipe.sections())
     unknown = sorted(set(data) - set(sections))
     if unknown:
         raise RecipeError(f"{path}: unknown section(s) {unknown}; known: {sorted(sections)}")
-    recipe = Recipe()
     for name, value in data.items():
-        setattr(recipe, name, _build(type(getattr(recipe, name)), value or {}, f"{path}: {name}"))
+        setattr(recipe, name, read_section(type(sections[name]), value or {}, f"{path}: {name}", note))
     return recipe
 
 
-def _all_fields():
-    for section in dataclasses.fields(Recipe):
-        cls = type(getattr(Recipe(), section.name))
-        for f in dataclasses.fields(cls):
-            yield section.name, cls, f
+def _settings():
+    """(section, section class, field) of every setting."""
+    for name, section in Recipe().sections():
+        for f in section_fields(type(section)):
+            yield name, type(section), f
+
+
+def _help(cls, name: str, default) -> str:
+    """The field's docstring and its default; '' for a field without a docstring (a test
+    checks that none is without)."""
+    text = field_help(cls, name)
+    return f"{text} (default: {default})".replace("%", "%%") if text else ""  # argparse %-formats help
+
+
+def _bool_flag(cls, name: str) -> dict:
+    """A bool flag alone means true (--sequence-parallel); it also takes a value (--bf16 false)."""
+    return dict(nargs="?", const="true", metavar="BOOL") if strip_optional(field_type(cls, name)) is bool else {}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -345,52 +183,151 @@ def build_parser() -> argparse.ArgumentParser:
         "hybrid causal / masked next-token objective. Launch with torchrun. Settings come from "
         "--config (YAML) and are overridden by the flags below (Megatron-LM names where they exist, "
         "every field also as --section.field).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        # Megatron-LM flags share prefixes (--num-layers vs --num-layers-per-virtual-pipeline-stage,
+        # --lr-warmup vs --lr-warmup-iters): an abbreviation must never pick one silently.
+        allow_abbrev=False,
     )
     parser.add_argument("--config", help="YAML recipe (see examples/)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved recipe as YAML and exit")
     aliases = {v: k for k, v in MEGATRON_FLAGS.items()}
-    for section, cls, f in _all_fields():
+    defaults = dict(Recipe().sections())
+    for section, cls, f in _settings():
         key = f"{section}.{f.name}"
         names = [f"--{key}"]
         if (section, f.name) in aliases:
             names.insert(0, aliases[(section, f.name)])
-        tp = _strip_optional(_field_type(cls, f.name))
-        kwargs = dict(dest=key, default=argparse.SUPPRESS, help=HELP.get(key, key))
-        if tp is bool:
-            kwargs["nargs"] = "?"
-            kwargs["const"] = "true"
-            kwargs["metavar"] = "BOOL"
-        parser.add_argument(*names, **kwargs)
+        parser.add_argument(*names, dest=key, default=argparse.SUPPRESS, **_bool_flag(cls, f.name),
+                            help=_help(cls, f.name, getattr(defaults[section], f.name)))
+    for section, section_obj in defaults.items():
+        for old, new in old_names(type(section_obj)).items():
+            parser.add_argument(f"--{section}.{old}", dest=f"{section}.{old}", default=argparse.SUPPRESS,
+                                **_bool_flag(type(section_obj), new), help=f"old name of --{section}.{new} (still accepted)")
     return parser
 
 
-def parse_recipe(argv: list[str] | None = None) -> tuple[Recipe, argparse.Namespace]:
+def parse_recipe(argv: list[str] | None = None, note: Note = print_note) -> tuple[Recipe, argparse.Namespace]:
     parser = build_parser()
     args = parser.parse_args(argv)
-    recipe = load_recipe(args.config)
-    for section, cls, f in _all_fields():
+    given = vars(args)
+    for section, section_obj in Recipe().sections():
+        for old, new in old_names(type(section_obj)).items():
+            if f"{section}.{old}" in given:
+                if f"{section}.{new}" in given:
+                    raise RecipeError(f"--{section}.{old} is the old name of --{section}.{new}; give only --{section}.{new}")
+                note(f"--{section}.{old}: renamed to --{section}.{new}; the old name still works")
+                given[f"{section}.{new}"] = given.pop(f"{section}.{old}")
+    recipe = load_recipe(args.config, note)
+    for section, cls, f in _settings():
         key = f"{section}.{f.name}"
-        if key in vars(args):
-            setattr(getattr(recipe, section), f.name, _convert(vars(args)[key], _field_type(cls, f.name), f"--{key}"))
+        if key in given:
+            setattr(getattr(recipe, section), f.name, convert(given[key], field_type(cls, f.name), f"--{key}", note))
     return recipe, args
 
 
-def validate_recipe(recipe: Recipe, world_size: int) -> None:
-    """Everything that can be checked before process groups exist, with the numbers."""
+# Ranges of numeric fields: (section, field, lowest allowed, whether the lowest is allowed).
+# Checked before anything starts: megatron-core and torch fail much later, or not at all
+# (a global batch of 0 trains nothing and ends in StopIteration).
+_RANGES = (
+    ("training", "micro_batch_size", 1, True),
+    ("training", "global_batch_size", 1, True),
+    ("training", "seq_length", 1, True),
+    ("training", "train_iters", 0, True),
+    ("training", "max_nonfinite_steps_in_row", 1, True),
+    ("optimizer", "lr", 0.0, True),
+    ("optimizer", "min_lr", 0.0, True),
+    ("optimizer", "weight_decay", 0.0, True),
+    ("optimizer", "adam_beta1", 0.0, True),
+    ("optimizer", "adam_beta2", 0.0, True),
+    ("optimizer", "adam_eps", 0.0, False),
+    ("optimizer", "clip_grad", 0.0, True),
+    ("schedule", "warmup_iters", 0, True),
+    ("schedule", "decay_iters", 1, True),
+    ("model", "vocab_size", 1, True),
+    ("model", "num_layers", 1, True),
+    ("model", "recompute_num_layers", 1, True),
+    ("checkpoint", "save_interval", 1, True),
+    ("checkpoint", "keep_last", 1, True),
+    ("checkpoint", "exit_duration_in_mins", 0.0, False),
+    ("checkpoint", "exit_interval", 1, True),
+    ("logging", "interval", 1, True),
+    ("logging", "peak_flops_per_device", 0.0, False),
+    ("evaluation", "interval", 1, True),
+    ("evaluation", "max_tokens", 1, True),
+    ("evaluation", "max_words", 0, True),
+)
+
+
+def flag_name(section: str, name: str) -> str:
+    """The flag users know for a field: Megatron-LM's where there is one."""
+    for flag, key in MEGATRON_FLAGS.items():
+        if key == (section, name):
+            return flag
+    return f"--{section}.{name}"
+
+
+def _check_ranges(recipe: Recipe) -> None:
+    for section, name, lowest, inclusive in _RANGES:
+        value = getattr(getattr(recipe, section), name)
+        if value is None:
+            continue
+        if value < lowest or (value == lowest and not inclusive) or value != value:  # NaN too
+            bound = f">= {lowest}" if inclusive else f"> {lowest}"
+            raise RecipeError(f"{flag_name(section, name)} {value}: must be {bound}")
+    for name in ("adam_beta1", "adam_beta2"):
+        if getattr(recipe.optimizer, name) >= 1:
+            raise RecipeError(f"{flag_name('optimizer', name)} {getattr(recipe.optimizer, name)}: must be < 1")
+    for phase, corpora in [("data.corpora", recipe.data.corpora)] + [
+        (f"data.mixture_changes[{i}].corpora", c.corpora) for i, c in enumerate(recipe.data.mixture_changes)
+    ]:
+        for i, corpus in enumerate(corpora):
+            if not corpus.weight >= 0 or not corpus.max_epochs > 0:
+                raise RecipeError(f"{phase}[{i}] ({corpus.prefix}): weight must be >= 0 and max_epochs > 0, "
+                                  f"got {corpus.weight} and {corpus.max_epochs}")
+        if corpora and not sum(c.weight for c in corpora) > 0:
+            raise RecipeError(f"{phase}: the weights sum to 0; give at least one corpus a weight > 0")
+    import signal
+
+    for name in recipe.checkpoint.exit_signals:
+        if not isinstance(getattr(signal, str(name), None), signal.Signals):
+            raise RecipeError(f"checkpoint.exit_signals: {name!r} is not a signal name (e.g. SIGTERM, SIGUSR1)")
+    try:
+        recipe.objective.__post_init__()  # flags set fields one by one, after construction
+    except ValueError as exc:
+        raise RecipeError(f"objective: {exc}") from None
+
+
+def _check_components(recipe: Recipe) -> None:
+    """The attention backend and layers that will run here; DDP overlap needs; the fields the
+    optimizer and DDP configs take from precision and parallel, never set twice."""
+    try:
+        validate_attention(recipe.model)
+        recipe.ddp.validate(recipe.parallel)
+        recipe.optimizer.resolved(recipe.parallel, recipe.precision)
+    except ValueError as exc:
+        raise RecipeError(str(exc)) from None
+
+
+def validate_recipe(recipe: Recipe, world_size: int | None) -> None:
+    """Everything that can be checked before process groups exist, with the numbers.
+    ``world_size`` None (no launcher: ``--print-config``) skips what depends on it."""
     p, t = recipe.parallel, recipe.training
+    _check_ranges(recipe)
     try:
         p.resolve_virtual_stages(recipe.model.architecture().num_layers)
         p.validate(world_size)
         validate_layout(recipe.model.architecture(), p)
     except (ParallelConfigError, ModelConfigError) as exc:
         raise RecipeError(str(exc)) from None
-    dp = p.data_parallel_size(world_size)
-    if t.global_batch_size % (t.micro_batch_size * dp):
+    except UnknownArchitectureError as exc:
+        raise RecipeError(f"--model.arch: {exc.args[0]}") from None
+    dp = p.data_parallel_size(world_size) if world_size is not None else None
+    if dp is not None and t.global_batch_size % (t.micro_batch_size * dp):
         raise RecipeError(
             f"global batch {t.global_batch_size} is not divisible by micro-batch x data-parallel = "
             f"{t.micro_batch_size} x {dp} = {t.micro_batch_size * dp}"
         )
+    if dp is None and t.global_batch_size % t.micro_batch_size:
+        raise RecipeError(f"global batch {t.global_batch_size} is not divisible by micro-batch {t.micro_batch_size}")
     if p.sequence_parallel and t.seq_length % p.tensor_model_parallel_size:
         raise RecipeError(f"sequence length {t.seq_length} not divisible by TP {p.tensor_model_parallel_size} (sequence parallel)")
     if recipe.stage.switch_to_full_at is not None and recipe.stage.trainable != "embeddings":
@@ -399,3 +336,6 @@ def validate_recipe(recipe: Recipe, world_size: int) -> None:
         raise RecipeError("--save-interval needs --save")
     if not recipe.data.corpora:
         raise RecipeError("data.corpora is empty: give the corpora in the recipe (see examples/)")
+    if t.train_iters > 0:  # the change points of data.mixture_changes
+        recipe.data.mixture_phases(t.seq_length, t.seed, t.global_batch_size, t.train_iters)
+    _check_components(recipe)

@@ -24,17 +24,29 @@ class ParallelConfigError(ValueError):
 
 @dataclass
 class ParallelConfig:
-    """How the model is laid out over processes. DP is derived: world / (TP x PP)."""
+    """The recipe's ``parallel`` section: how the model is laid out over processes. DP is
+    derived: world size / (TP x PP)."""
 
     tensor_model_parallel_size: int = 1
+    """Tensor-parallel size (TP): attention heads and FFN split over this many devices."""
+
     pipeline_model_parallel_size: int = 1
-    # Interleaved (virtual) pipeline: model chunks per pipeline rank; None = plain 1F1B.
+    """Pipeline-parallel size (PP): the layers split into this many stages."""
+
     virtual_pipeline_model_parallel_size: int | None = None
-    # Megatron-LM's way of asking for interleaving; resolved into the field above by
-    # ``resolve_virtual_stages`` once the number of layers is known.
+    """Model chunks per pipeline rank (the interleaved 1F1B schedule); None: plain 1F1B. Or give
+    num_layers_per_virtual_pipeline_stage."""
+
     num_layers_per_virtual_pipeline_stage: int | None = None
+    """Layers per virtual pipeline stage (Megatron-LM's way of asking for interleaving); sets
+    virtual_pipeline_model_parallel_size once the number of layers is known."""
+
     sequence_parallel: bool = False
+    """Sequence parallelism: shard the norm and dropout activations over the TP group (needs TP > 1)."""
+
     use_distributed_optimizer: bool = False
+    """Shard the optimizer state over the data-parallel ranks (ZeRO-1). Also sets the optimizer's
+    and DDP's use_distributed_optimizer (not settable there)."""
 
     def validate(self, world_size: int | None = None) -> None:
         tp, pp, vpp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size, self.virtual_pipeline_model_parallel_size
@@ -137,7 +149,10 @@ def set_seed(seed: int) -> None:
 
 
 def shutdown() -> None:
-    """Tear down process groups; gloo aborts at exit without this."""
+    """Tear down process groups; gloo aborts at exit without this. A no-op (that imports
+    nothing) when none was created, e.g. after a failed preflight."""
+    if not dist.is_initialized():
+        return
     from megatron.core import parallel_state
 
     if parallel_state.model_parallel_is_initialized():

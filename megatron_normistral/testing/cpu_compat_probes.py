@@ -8,7 +8,8 @@ import torch.distributed as dist
 from megatron_normistral.model.provider import ModelConfig, PrecisionConfig, build_model
 from megatron_normistral.runtime.parallel import ParallelConfig, init_model_parallel, set_seed
 from megatron_normistral.testing.layouts import LayoutRun, train_layout
-from megatron_normistral.training.setup import OptimizerConfig, wrap_model
+from megatron_normistral.training.ddp import wrap_model
+from megatron_normistral.training.optimizer import OptimizerConfig
 
 
 def wrap_for_ddp(rank: int, world_size: int) -> None:

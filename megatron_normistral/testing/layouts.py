@@ -15,8 +15,14 @@ import torch
 from megatron_normistral.model.provider import ModelConfig, PrecisionConfig, build_model
 from megatron_normistral.model.sharding import gather_full_state_dict, global_name, load_full_state_dict
 from megatron_normistral.runtime.parallel import ParallelConfig, init_model_parallel, set_seed
-from megatron_normistral.training.setup import OptimizerConfig, build_optimizer, wrap_model
-from megatron_normistral.training.step import train_step
+from megatron_normistral.training.ddp import DDPConfig, sync_params, wrap_model
+from megatron_normistral.training.optimizer import OptimizerConfig, build_optimizer
+from megatron_normistral.training.step import attention_inputs, train_step
+
+# What the batches of a step look like (``LayoutRun.cases``, one per step; see attention_case_documents):
+# every sample causal, every sample masked, both modes in each micro-batch, documents of one
+# token, one document filling the window.
+ATTENTION_CASES = ("causal", "masked", "mixed", "one_token_documents", "whole_window")
 
 
 @dataclass
@@ -29,6 +35,12 @@ class LayoutRun:
     # (reduction order) moves its weight by 2 x lr; weights could not then be compared.
     optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=1e-3, weight_decay=0.01, clip_grad=1.0, adam_eps=1e-4))
     steps: int = 3
+    # The batches of step i follow cases[i % len(cases)] (ATTENTION_CASES).
+    cases: tuple[str, ...] = ("mixed",)
+    # Also return the full gradients of every step (before the update; needs full
+    # main_grads on DP rank 0: no distributed optimizer).
+    return_gradients: bool = False
+    ddp: DDPConfig = field(default_factory=DDPConfig)
     seq_length: int = 32
     micro_batch_size: int = 2
     global_batch_size: int = 8
@@ -59,26 +71,43 @@ def reference_weights(chunks, seed: int, tp_size: int) -> dict[str, torch.Tensor
     return full
 
 
+def attention_case_documents(case: str, b: int, s: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(document_ids int32 [b, s], masked bool [b]) of one micro-batch for an attention case."""
+    if case not in ATTENTION_CASES:
+        raise ValueError(f"unknown attention case {case!r}; known: {ATTENTION_CASES}")
+    starts = torch.rand(b, s, generator=gen) < 0.15  # a new document starts here
+    if case == "one_token_documents":
+        starts[0] = True  # sample 0: every token its own document; the others: short and long ones
+        starts[1:] |= torch.rand(b - 1, s, generator=gen) < 0.3
+    if case == "whole_window":
+        starts[:] = False
+    starts[:, 0] = False
+    ids = starts.to(torch.int32).cumsum(dim=1, dtype=torch.int32)
+    alternate = torch.arange(b) % 2 == 1
+    masked = {"causal": torch.zeros(b, dtype=torch.bool), "masked": torch.ones(b, dtype=torch.bool)}.get(case, alternate)
+    return ids, masked
+
+
 def synthetic_batches(run: LayoutRun, vocab_size: int, step: int) -> list[dict]:
-    """All micro-batches of one global batch, in global order. Random tokens, a loss mask
-    with holes, and per-sample masks mixing causal and bidirectional rows (the hybrid
-    objective's two modes)."""
+    """All micro-batches of one global batch, in global order: random tokens, a loss mask
+    with holes, and the attention of the step's case described as the hybrid objective's
+    batches describe it (document ids, per-sample mode)."""
     gen = torch.Generator().manual_seed(run.seed + 7919 * step)
+    case = run.cases[step % len(run.cases)]
     b, s = run.micro_batch_size, run.seq_length
     batches = []
     for _ in range(run.global_batch_size // b):
         tokens = torch.randint(0, vocab_size, (b, s + 1), generator=gen)
         loss_mask = (torch.rand(b, s, generator=gen) > 0.2).float()
-        causal = torch.triu(torch.ones(s, s, dtype=torch.bool), diagonal=1)
-        bidirectional = torch.rand(b, generator=gen) < 0.5
-        attention_mask = torch.stack([torch.zeros_like(causal) if bi else causal for bi in bidirectional]).unsqueeze(1)
+        document_ids, masked = attention_case_documents(case, b, s, gen)
         batches.append(
             dict(
                 tokens=tokens[:, :-1].contiguous(),
                 labels=tokens[:, 1:].contiguous(),
                 loss_mask=loss_mask,
                 position_ids=torch.arange(s).expand(b, s).contiguous(),
-                attention_mask=attention_mask,
+                document_ids=document_ids,
+                masked=masked,
             )
         )
     return batches
@@ -97,28 +126,51 @@ def train_layout(rank: int, world_size: int, run: LayoutRun) -> dict:
     load_full_state_dict(chunks, reference_weights(chunks, run.seed, tp_size))
     for key, value in run.unsafe_config_overrides.items():
         setattr(chunks[0].config, key, value)
-    chunks = wrap_model(chunks, run.parallel, run.precision)
+    chunks = wrap_model(chunks, run.parallel, run.precision, run.ddp)
     optimizer = build_optimizer(chunks, run.optimizer, run.parallel, run.precision)
     vocab = run.model.architecture().vocab_size
+    gradients = []
+
+    def keep_gradients(reports) -> bool:
+        if run.return_gradients:
+            gradients.append(gather_full_state_dict(chunks, tensor_of=lambda p: p.main_grad))
+        return False  # go on with the update
 
     per_rank = run.global_batch_size // run.micro_batch_size // dp_size
     losses, grad_norms = [], []
     for step in range(run.steps):
         mine = synthetic_batches(run, vocab, step)[dp_rank * per_rank : (dp_rank + 1) * per_rank]
         iterators = [iter(mine) for _ in chunks]
-        result = train_step(chunks, optimizer, iterators, per_rank, run.seq_length, run.micro_batch_size)
+        result = train_step(chunks, optimizer, iterators, per_rank, run.seq_length, run.micro_batch_size,
+                            skip_update=keep_gradients)
         # Mean over micro-batches of each one's mean loss, averaged over DP; known on the
         # last pipeline stage, then shared with everyone.
         local = torch.tensor([sum(float(r["loss_sum"] / r["tokens"]) for r in result.reports), float(len(result.reports))], dtype=torch.float64)
         torch.distributed.all_reduce(local)
         losses.append(float(local[0] / local[1]))
         grad_norms.append(result.grad_norm)
+    sync_params(chunks)  # the last update's parameter gather may still be pending (overlap_param_gather)
     weights = gather_full_state_dict(chunks)
-    return {"losses": losses, "grad_norms": grad_norms, "weights": weights if rank == 0 else None}
+    buckets = sum(len(c.bucket_groups) for c in chunks)
+    result = {"losses": losses, "grad_norms": grad_norms, "weights": weights if rank == 0 else None,
+              "gradient_buckets": buckets}
+    if run.return_gradients:
+        result["gradients"] = gradients if rank == 0 else None
+    return result
+
+
+def assert_same_training(result: dict, reference: dict, rtol: float = 1e-5) -> None:
+    """Losses, grad norms and final weights of two train_layout runs agree to ``rtol``."""
+    torch.testing.assert_close(torch.tensor(result["losses"]), torch.tensor(reference["losses"]), rtol=rtol, atol=0)
+    torch.testing.assert_close(torch.tensor(result["grad_norms"]), torch.tensor(reference["grad_norms"]), rtol=rtol, atol=0)
+    assert result["weights"].keys() == reference["weights"].keys()
+    for name, expected in reference["weights"].items():
+        # atol: fp32 rounding of weights near zero, far below one Adam update (lr 1e-3).
+        torch.testing.assert_close(result["weights"][name], expected, rtol=rtol, atol=1e-7, msg=lambda m: f"{name}: {m}")
 
 
 def _per_token_losses(model, batch: dict) -> torch.Tensor:
-    return model(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"]).float()
+    return model(batch["tokens"], batch["position_ids"], labels=batch["labels"], **attention_inputs(batch)).float()
 
 
 def step_gradients(rank: int, world_size: int, run: LayoutRun, loss_weighting: str) -> dict:

@@ -7,18 +7,15 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from megatron_normistral.config.recipe import (
-    CheckpointConfig,
-    CorpusEntry,
-    DataConfig,
-    EvalConfig,
-    EvalSet,
-    LoggingConfig,
-    Recipe,
-    TrainConfig,
-)
+from megatron_normistral.config.recipe import Recipe
+from megatron_normistral.data.mixture import CorpusSpec
 from megatron_normistral.data.objective import ObjectiveConfig
 from megatron_normistral.model.provider import ModelConfig
+from megatron_normistral.training.checkpointer import CheckpointConfig
+from megatron_normistral.training.data_setup import DataConfig, EvalSet
+from megatron_normistral.training.evaluator import EvalConfig
+from megatron_normistral.training.loop import TrainConfig
+from megatron_normistral.training.metrics import LoggingConfig
 
 REPO = Path(__file__).resolve().parents[2]
 CORPUS = REPO / "examples" / "data" / "corpus"
@@ -35,7 +32,7 @@ def _subset(lang: str, out: Path, skip: int, take: int) -> Path:
 def prepare_tiny_data(workdir: str | Path, languages=("nb", "nn"), train_docs: int = 24, eval_docs: int = 4) -> dict:
     """Writes tokenizer/, <lang>_text_document.{bin,idx}, heldout_<lang>.jsonl. Idempotent."""
     from megatron_normistral.data.preprocess import PreprocessConfig, preprocess
-    from megatron_normistral.tokenizer.training import SamplingConfig, TokenizerTrainingConfig, train_tokenizer
+    from megatron_normistral.tokenizer.trainer import SamplingConfig, TokenizerTrainingConfig, train_tokenizer
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -72,13 +69,13 @@ def tiny_recipe(data: dict, run_dir: str | Path, **sections) -> Recipe:
         objective=ObjectiveConfig(masked_fraction=0.25),
         data=DataConfig(
             tokenizer=data["tokenizer"],
-            corpora=[CorpusEntry(prefix=p, language=lang, weight=1.0, max_epochs=1000) for lang, p in data["prefixes"].items()],
+            corpora=[CorpusSpec(prefix=p, language=lang, weight=1.0, max_epochs=1000) for lang, p in data["prefixes"].items()],
             eval_sets=[EvalSet(language=lang, path=p) for lang, p in data["heldout"].items()],
             cache_dir=str(run_dir / "data-cache"),
         ),
         checkpoint=CheckpointConfig(save=str(run_dir / "ckpt"), load=str(run_dir / "ckpt")),
-        logging=LoggingConfig(log_json=str(run_dir / "log.jsonl")),
-        evaluation=EvalConfig(eval_interval=None, eval_max_tokens=2048),
+        logging=LoggingConfig(json=str(run_dir / "log.jsonl")),
+        evaluation=EvalConfig(interval=None, max_words=500),
     )
     recipe.optimizer = replace(recipe.optimizer, lr=3e-3, weight_decay=0.01)
     for section, values in sections.items():
@@ -86,18 +83,26 @@ def tiny_recipe(data: dict, run_dir: str | Path, **sections) -> Recipe:
     return recipe
 
 
-def run_pretrain(rank: int, world_size: int, recipe: Recipe) -> dict:
-    """Worker: run the training loop; returns the final train state and log records."""
+def run_pretrain(rank: int, world_size: int, recipe: Recipe, forward_steps=None) -> dict:
+    """Worker: run the training loop; returns the final train state and log records.
+    ``forward_steps``: the loop's hook for a faulty forward step (testing.faults)."""
     from dataclasses import asdict
 
-    from megatron_normistral.training.loop import TrainingStopped, pretrain
+    from megatron_normistral.pretrain import pretrain
+    from megatron_normistral.training.monitors import TrainingStopped
 
     try:
-        state = asdict(pretrain(recipe))
+        state = asdict(pretrain(recipe, forward_steps))
         stopped = None
     except TrainingStopped as exc:
         state, stopped = None, str(exc)
     return {"state": state, "stopped": stopped}
+
+
+def run_pretrain_sequence(rank: int, world_size: int, recipes: list[Recipe]) -> list[dict]:
+    """Worker: several runs one after another in the same process group (each sets up its
+    own model-parallel groups), to pay for process start-up once."""
+    return [run_pretrain(rank, world_size, recipe) for recipe in recipes]
 
 
 def read_log(path: str | Path) -> list[dict]:
@@ -109,18 +114,18 @@ def checkpoint_weights(recipe: Recipe, paths: list[str]) -> list[dict]:
     initialised for recipe's layout)."""
     from megatron_normistral.model.provider import build_model
     from megatron_normistral.model.sharding import gather_full_state_dict
-    from megatron_normistral.training.checkpointing import load_checkpoint
+    from megatron_normistral.checkpoint.weights import load_model_weights
 
     weights = []
     for path in paths:
         chunks = build_model(recipe.model, recipe.parallel, recipe.precision, recipe.training.seq_length)
-        load_checkpoint(path, chunks, optimizer=None, load_optimizer=False)
+        load_model_weights(chunks, path)
         weights.append(gather_full_state_dict(chunks))
     return weights
 
 
-def run_pretrain_and_read(rank: int, world_size: int, recipe: Recipe, read: list[str]) -> dict:
+def run_pretrain_and_read(rank: int, world_size: int, recipe: Recipe, read: list[str], forward_steps=None) -> dict:
     """Worker: train, then read back the weights of the checkpoints in ``read``."""
-    result = run_pretrain(rank, world_size, recipe)
+    result = run_pretrain(rank, world_size, recipe, forward_steps)
     result["weights"] = checkpoint_weights(recipe, read)
     return result

@@ -27,6 +27,7 @@ class SpecialIds:
     eod_id: int
     mask_id: int | None
     vocab_size: int
+    bos_id: int | None = None  # set when documents start with BOS: it also starts a document block
 
 
 class BatchSource:
@@ -50,7 +51,7 @@ class BatchSource:
             batch = build_batch(
                 samples, indices, self.objective,
                 eod_id=self.ids.eod_id, mask_id=self.ids.mask_id if self.ids.mask_id is not None else 0,
-                vocab_size=self.ids.vocab_size,
+                vocab_size=self.ids.vocab_size, bos_id=self.ids.bos_id,
             )
             batches.append(to_device(batch))
         return batches

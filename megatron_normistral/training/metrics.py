@@ -3,12 +3,35 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import psutil
+
+from megatron_normistral.runtime.logs import get_logger
+
+log = get_logger(__name__)
+
+
+@dataclass
+class LoggingConfig:
+    """The recipe's ``logging`` section: what the run reports per step, and where."""
+
+    OLD_NAMES: ClassVar[dict[str, str]] = {"log_interval": "interval", "log_json": "json"}
+
+    interval: int = 1
+    """Print a line every N steps (the JSON lines and TensorBoard get every step)."""
+
+    json: str | None = None
+    """Append one JSON object per step (and per evaluation) to this file."""
+
+    tensorboard_dir: str | None = None
+    """Write TensorBoard events here."""
+
+    peak_flops_per_device: float | None = None
+    """Peak dense bf16 FLOP/s of one device, for MFU (e.g. 989e12 for an H100/H200 SXM); None: no MFU."""
 
 
 @dataclass
@@ -39,14 +62,20 @@ class LossTotals:
 
 
 def reduce_losses(totals: LossTotals) -> dict:
-    """Combine every rank's totals (only last-stage ranks have any) into step losses."""
-    import torch.distributed as dist
+    """Step losses and token counts over the whole global batch, on every rank.
 
-    from megatron_normistral.runtime.parallel import device
+    The loss is computed on the last pipeline stage, where the tensor-parallel ranks hold
+    identical copies of it: only TP rank 0 of that stage contributes, one copy per
+    data-parallel replica (summing every rank's copy counted each token TP times). The sum
+    runs over the world so that every rank, rank 0 (the logger) included, has the result."""
+    import torch
+    from megatron.core import parallel_state
 
-    t = totals.as_tensor().to(device())  # NCCL reduces device tensors only
-    dist.all_reduce(t)
-    causal_sum, causal_tokens, masked_sum, masked_tokens, mean_sum, micro_batches = t.cpu().tolist()
+    from megatron_normistral.runtime.collectives import sum_over, world
+
+    owner = parallel_state.is_pipeline_last_stage(ignore_virtual=True) and parallel_state.get_tensor_model_parallel_rank() == 0
+    values = totals.as_tensor() if owner else torch.zeros_like(totals.as_tensor())
+    causal_sum, causal_tokens, masked_sum, masked_tokens, mean_sum, micro_batches = sum_over(values, world()).tolist()
     nan = float("nan")
     return {
         "loss": mean_sum / micro_batches if micro_batches else nan,
@@ -57,9 +86,49 @@ def reduce_losses(totals: LossTotals) -> dict:
     }
 
 
+def json_safe(record: dict) -> dict:
+    """NaN and infinities as null: JSON has no literal for them (Python writes ``NaN``, which
+    other readers reject); a step without masked rows has no masked loss."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+
+
+def _number(value, fmt: str) -> str:
+    return "-" if value is None or (isinstance(value, float) and not math.isfinite(value)) else format(value, fmt)
+
+
+def _clock(seconds: float) -> str:
+    minutes, s = divmod(int(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{s:02d}"
+
+
+class Progress:
+    """'/total (pct) | elapsed H:MM:SS | ETA H:MM:SS' for a step line, as Megatron-LM's log shows
+    them. Elapsed counts from this process's first logged step; the ETA is the mean step time of
+    this process's steps so far times the steps left (a resumed run starts its own mean)."""
+
+    def __init__(self, total_steps: int | None):
+        self.total = total_steps
+        self._first: tuple[int, float] | None = None  # (step before the first timed one, time)
+
+    def of(self, step: int, now: float | None = None) -> str:
+        now = time.perf_counter() if now is None else now
+        if self.total is None:
+            return ""
+        if self._first is None:
+            self._first = (step - 1, now)  # the first step's own time is in the record, not here
+            return f"/{self.total} ({step / self.total:.1%})"
+        first_step, started = self._first
+        elapsed, done = now - started, step - first_step - 1
+        eta = elapsed / done * (self.total - step) if done > 0 else float("nan")
+        eta_text = _clock(eta) if math.isfinite(eta) else "-"
+        return f"/{self.total} ({step / self.total:.1%}) | elapsed {_clock(elapsed)} | ETA {eta_text}"
+
+
 class MetricsLogger:
-    def __init__(self, log_interval: int, log_json: str | None, tensorboard_dir: str | None, is_logger: bool):
+    def __init__(self, log_interval: int, log_json: str | None, tensorboard_dir: str | None, is_logger: bool,
+                 total_steps: int | None = None):
         self.log_interval = log_interval
+        self.progress = Progress(total_steps)
         self.is_logger = is_logger
         self.json_file = None
         self.writer = None
@@ -76,7 +145,7 @@ class MetricsLogger:
         if not self.is_logger:
             return
         if self.json_file:
-            self.json_file.write(json.dumps(record) + "\n")
+            self.json_file.write(json.dumps(json_safe(record)) + "\n")
             self.json_file.flush()
         if self.writer:
             for key, value in record.items():
@@ -84,9 +153,9 @@ class MetricsLogger:
                     self.writer.add_scalar(f"train/{key}", value, record["step"])
         if record["step"] % self.log_interval == 0:
             parts = [
-                f"step {record['step']:>6}",
+                f"step {record['step']:>6}{self.progress.of(record['step'])}",
                 f"loss {record['loss']:.4f}",
-                f"(causal {record['loss_causal']:.4f} masked {record['loss_masked']:.4f})",
+                f"(causal {_number(record['loss_causal'], '.4f')} masked {_number(record['loss_masked'], '.4f')})",
                 f"lr {record['lr']:.3e}",
                 f"grad-norm {record['grad_norm']:.3f}" if record["grad_norm"] is not None else "grad-norm -",
                 f"skipped {record['skipped']}",
@@ -96,19 +165,19 @@ class MetricsLogger:
             if record.get("mfu") is not None:
                 parts.append(f"MFU {100 * record['mfu']:.1f}%")
             parts.append(f"mem {record['memory_gb']:.2f} GB")
-            print(" | ".join(parts), flush=True)
+            log.info(" | ".join(parts))
 
     def eval(self, step: int, results: dict) -> None:
         if not self.is_logger:
             return
         for language, values in results.items():
-            line = " ".join(f"{k} {v:.4f}" for k, v in values.items())
-            print(f"eval step {step} [{language}] {line}", flush=True)
+            line = " ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {_number(v, '.4f')}" for k, v in values.items())
+            log.info(f"eval step {step} [{language}] {line}")
             if self.writer:
                 for k, v in values.items():
                     self.writer.add_scalar(f"eval/{language}/{k}", v, step)
             if self.json_file:
-                self.json_file.write(json.dumps({"step": step, "eval": language, **values}) + "\n")
+                self.json_file.write(json.dumps(json_safe({"step": step, "eval": language, **values})) + "\n")
                 self.json_file.flush()
 
     def close(self) -> None:
@@ -118,16 +187,33 @@ class MetricsLogger:
             self.writer.close()
 
 
+class StepReporter:
+    """One record per training step (losses, lr, grad norm, throughput, memory) to the logger."""
+
+    def __init__(self, logger: "MetricsLogger", throughput):
+        self.logger = logger
+        self.throughput = throughput
+
+    def report(self, state, result, lr: float, seconds: float) -> None:
+        totals = LossTotals()
+        for report in result.reports:
+            totals.add(report)
+        self.logger.step({
+            "step": state.step, **reduce_losses(totals), "lr": lr, "grad_norm": result.grad_norm,
+            "skipped": state.skipped_steps, **self.throughput.of_step(seconds), "memory_gb": memory_gb(),
+            "consumed_samples": state.consumed_samples, "step_time_s": seconds, "trainable": state.trainable,
+        })
+
+    def evaluation(self, step: int, results: dict) -> None:
+        self.logger.eval(step, results)
+
+    def close(self) -> None:
+        self.logger.close()
+
+
 def memory_gb() -> float:
     import torch
 
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 1e9
     return psutil.Process().memory_info().rss / 1e9
-
-
-def print_rank0(*args) -> None:
-    import torch.distributed as dist
-
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        print(*args, flush=True, file=sys.stdout)

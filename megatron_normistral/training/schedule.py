@@ -2,8 +2,25 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Literal
 
-from megatron_normistral.config.recipe import ScheduleConfig
+
+@dataclass
+class ScheduleConfig:
+    """The recipe's ``schedule`` section (the peak and final rates are ``optimizer.lr`` and
+    ``optimizer.min_lr``)."""
+
+    style: Literal["constant", "cosine", "wsd"] = "constant"
+    """Learning-rate schedule after warmup: constant, cosine (down to min_lr), or wsd
+    (warmup-stable-decay: constant, then a linear decay to min_lr at the end)."""
+
+    warmup_iters: int = 0
+    """Steps of linear warmup up to lr."""
+
+    decay_iters: int | None = None
+    """cosine: the step where the decay ends (default: train_iters); wsd: the length of the final
+    decay, in steps (default: a tenth of train_iters)."""
 
 
 def learning_rate(step: int, lr: float, min_lr: float, schedule: ScheduleConfig, train_iters: int) -> float:

@@ -17,21 +17,18 @@ class StepResult:
     reports: list[dict]
 
 
-def lm_loss(batch: dict, per_token_loss: torch.Tensor, inject_nonfinite: bool = False):
+def lm_loss(batch: dict, per_token_loss: torch.Tensor):
     """Loss-function contract of megatron-core schedules (3-tuple form): the sum of counted
     token losses, the count, and what to report. megatron-core divides by the count per
     micro-batch (the authors' weighting) or, with ``calculate_per_token_loss``, over the
     whole global batch (token weighting).
 
     The report splits the sum by objective: rows with ``batch["masked"]`` set are masked
-    next-token prediction, the rest causal (a batch without the key is all causal).
-    ``inject_nonfinite`` turns the loss into NaN (the tests of non-finite step skipping)."""
+    next-token prediction, the rest causal (a batch without the key is all causal)."""
     mask = batch["loss_mask"].float()
     weighted = per_token_loss.float() * mask
     masked_rows = batch["masked"].bool() if "masked" in batch else torch.zeros(mask.shape[0], dtype=torch.bool, device=mask.device)
     loss_sum = weighted.sum()
-    if inject_nonfinite:
-        loss_sum = loss_sum * float("nan")
     count = mask.sum().to(torch.int)
     report = {
         # clones: megatron-core divides the returned loss in place
@@ -45,13 +42,28 @@ def lm_loss(batch: dict, per_token_loss: torch.Tensor, inject_nonfinite: bool = 
     return loss_sum, count, report
 
 
-def lm_forward_step(data_iterator: Iterator[dict], model, inject_nonfinite: bool = False):
-    """forward_step_func for a batch dict: tokens, labels, loss_mask, position_ids, an
-    optional bool attention_mask [b, 1, s, s] (True = masked) and optional per-row
-    ``masked`` flags (the hybrid objective's batches, data.objective.build_batch)."""
+def attention_inputs(batch: dict) -> dict:
+    """How a batch's attention reaches the model (keyword arguments of ``GPTModel.forward``).
+
+    A batch that describes its documents (``document_ids`` [b, s] and ``masked`` [b], as
+    data.objective.build_batch makes) passes them as a ``DocumentLayout`` in
+    ``packed_seq_params``, which every attention backend reads (the dense one derives its
+    mask from it); a batch with an explicit ``attention_mask`` [b, 1, s, s] (True = masked)
+    passes that (dense backend only); a batch with neither is causal."""
+    if "document_ids" in batch:
+        from megatron_normistral.model.attention import DocumentLayout
+
+        return {"attention_mask": None, "packed_seq_params": DocumentLayout.of(batch["document_ids"], batch["masked"])}
+    return {"attention_mask": batch.get("attention_mask")}
+
+
+def lm_forward_step(data_iterator: Iterator[dict], model):
+    """forward_step_func for a batch dict: tokens, labels, loss_mask, position_ids, the
+    attention (see :func:`attention_inputs`) and optional per-row ``masked`` flags (the
+    hybrid objective's batches, data.objective.build_batch)."""
     batch = next(data_iterator)
-    output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"])
-    return output, partial(lm_loss, batch, inject_nonfinite=inject_nonfinite)
+    output = model(batch["tokens"], batch["position_ids"], labels=batch["labels"], **attention_inputs(batch))
+    return output, partial(lm_loss, batch)
 
 
 def train_step(

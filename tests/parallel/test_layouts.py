@@ -1,13 +1,11 @@
 """Every parallel layout trains the tiny model to the same losses, grad norms and weights as
-one process (fp32, 3 steps, identical data and initial weights)."""
+one process (fp32, 3 steps, identical data and initial weights; the default attention
+backend, batches of packed documents in both modes)."""
 import pytest
-import torch
 
 from megatron_normistral.runtime.parallel import ParallelConfig
 from megatron_normistral.testing.distributed import run_distributed
-from megatron_normistral.testing.layouts import LayoutRun, train_layout
-
-RTOL = 1e-5
+from megatron_normistral.testing.layouts import LayoutRun, assert_same_training, train_layout
 
 LAYOUTS = {
     "tp2": (2, ParallelConfig(tensor_model_parallel_size=2)),
@@ -22,15 +20,6 @@ LAYOUTS = {
 @pytest.fixture(scope="module")
 def reference():
     return run_distributed(train_layout, 1, args=(LayoutRun(),))
-
-
-def assert_same_training(result, reference):
-    torch.testing.assert_close(torch.tensor(result["losses"]), torch.tensor(reference["losses"]), rtol=RTOL, atol=0)
-    torch.testing.assert_close(torch.tensor(result["grad_norms"]), torch.tensor(reference["grad_norms"]), rtol=RTOL, atol=0)
-    assert result["weights"].keys() == reference["weights"].keys()
-    for name, expected in reference["weights"].items():
-        # atol: fp32 rounding of weights near zero, far below one Adam update (lr 1e-3).
-        torch.testing.assert_close(result["weights"][name], expected, rtol=RTOL, atol=1e-7, msg=lambda m: f"{name}: {m}")
 
 
 def test_reference_trains(reference):

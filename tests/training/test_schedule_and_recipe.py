@@ -3,8 +3,8 @@ import sys
 
 import pytest
 
+from megatron_normistral.config.fields import field_help
 from megatron_normistral.config.recipe import (
-    HELP,
     MEGATRON_FLAGS,
     Recipe,
     RecipeError,
@@ -13,9 +13,9 @@ from megatron_normistral.config.recipe import (
     parse_recipe,
     validate_recipe,
 )
-from megatron_normistral.config.recipe import ScheduleConfig
+from megatron_normistral.data.mixture import CorpusSpec
 from megatron_normistral.testing.tiny_run import REPO
-from megatron_normistral.training.schedule import learning_rate
+from megatron_normistral.training.schedule import ScheduleConfig, learning_rate
 
 
 def curve(style, train_iters=100, warmup=10, decay=None, lr=1.0, min_lr=0.1):
@@ -76,7 +76,8 @@ def test_every_flag_has_help():
     for action in parser._actions:
         if action.dest not in ("help", "config", "print_config"):
             assert action.help and action.help != action.dest, f"{action.option_strings} has no help"
-    assert all(f"{s}.{f}" in HELP for s, f in MEGATRON_FLAGS.values())
+    sections = dict(Recipe().sections())
+    assert all(field_help(type(sections[s]), f) for s, f in MEGATRON_FLAGS.values())
 
 
 @pytest.mark.parametrize(
@@ -92,7 +93,7 @@ def test_inconsistent_settings_name_the_numbers(change, world, message):
     from dataclasses import replace
 
     recipe = Recipe()
-    recipe.data.corpora = [object()]  # non-empty; not read by validation
+    recipe.data.corpora = [CorpusSpec("corpus", "nb", 1.0)]  # non-empty; no file is read by validation
     for section, values in change.items():
         setattr(recipe, section, replace(getattr(recipe, section), **values))
     with pytest.raises(RecipeError, match=message):
@@ -101,7 +102,7 @@ def test_inconsistent_settings_name_the_numbers(change, world, message):
 
 def test_virtual_stages_from_layers_per_stage():
     recipe = Recipe()
-    recipe.data.corpora = [object()]
+    recipe.data.corpora = [CorpusSpec("corpus", "nb", 1.0)]
     recipe.parallel.pipeline_model_parallel_size = 2
     recipe.parallel.num_layers_per_virtual_pipeline_stage = 1
     validate_recipe(recipe, world_size=2)
