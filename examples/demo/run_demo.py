@@ -6,18 +6,26 @@ Every step runs the project's own command-line tools and `torchrun pretrain_norm
 exactly as on a cluster, only with tiny settings:
 
   1. prepare    split the bundled corpus (nb nn se sv da en) into train / held-out; tokenize
-                the English train split with Tekken for the source model
-  2. source     train a tiny Mistral with Tekken's 131,072-entry vocabulary on English only
-                (the stand-in for Mistral-NeMo-Base-2407), export it to Hugging Face format
+                the source model's train splits (English and Danish) with Tekken
+  2. source     train a tiny Mistral with Tekken's 131,072-entry vocabulary on English-centric
+                text, 70% English and 30% Danish (examples/tiny/source_english_danish.yaml):
+                the stand-in for Mistral-NeMo-Base-2407, which saw multilingual text (a source
+                that knows only English has nothing to transfer); export it to Hugging Face
   3. tokenizer  train the new tokenizer (byte-level BPE, the authors' settings)
   4. fertility  subword tokens per word, Tekken vs the new tokenizer
   5. preprocess tokenize every language with the new tokenizer (indexed .bin/.idx)
   6. transfer   mean-of-pieces embedding transfer, then HF -> megatron-core checkpoint
   7. eval       held-out loss per word of the transferred model, before any training
-  8. stage2     embeddings + LM head only, TP=2 (torchrun, 2 processes)
-  9. stage3     everything, hybrid objective, upsampled mixture, PP=2 (torchrun, 2 processes)
- 10. export     megatron-core -> Hugging Face; generate Norwegian; fill a <mask>; time both models
- 11. report     report.md + PNGs in the run folder
+  8. variants   the same, for two other initialisations of the new tokens' rows (same
+                transformer, same tokenizer): input embeddings transferred but random LM-head
+                rows (the authors' variant), and random rows in both
+  9. stage2     embeddings + LM head only, TP=2 (torchrun, 2 processes)
+ 10. stage3     everything, hybrid objective, upsampled mixture, PP=2 (torchrun, 2 processes)
+ 11. export     megatron-core -> Hugging Face; generate Norwegian; fill a <mask>; time both models
+ 12. report     report.md + PNGs in the run folder, with the method's claims measured: the
+                initialisations compared, a checksum of the transformer weights before and
+                after stage 2, English before and after, masked-token accuracy against
+                predictors that learned nothing
 
 Finished steps are recorded in RUN/.done/ and skipped when the demo is run again (an
 interrupted training step resumes from its last checkpoint); --fresh starts over. With real
@@ -40,9 +48,17 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 CORPUS = REPO / "examples" / "data" / "corpus"
 LANGUAGES = ["nb", "nn", "se", "sv", "da", "en"]
+SOURCE_RECIPE = "source_english_danish"  # examples/tiny/<name>.yaml: the source model's recipe
 NORWEGIAN_PROMPT = "Debian er et fritt operativsystem som"
 MASK_SENTENCE = "Du kan installere programmet med {mask} på datamaskinen din."
 MASK_WORD = "pakkebehandleren"
+# Other initialisations of the new tokens' rows, evaluated before any training beside the
+# default (mean of the pieces' rows in both the input embeddings and the LM head):
+# name -> (tools/transfer_embeddings.py --init, --head).
+INIT_VARIANTS = {
+    "head_random": ("mean", "random"),  # input embeddings only, as the authors' script did
+    "random": ("random", "random"),     # random rows for every new token
+}
 
 
 @dataclass(frozen=True)
@@ -53,14 +69,14 @@ class Scale:
     source_iters: int
     stage2_iters: int
     stage3_iters: int
-    eval_max_tokens: int
+    eval_max_words: int  # held-out words per language: every tokenizer is scored on the same words
     max_docs: int | None  # documents per language (None: all)
     heldout_every: int  # every N-th document is held out
 
 
 SCALES = {
-    "full": Scale(vocab_size=16384, source_iters=40, stage2_iters=40, stage3_iters=100, eval_max_tokens=16384, max_docs=None, heldout_every=10),
-    "smoke": Scale(vocab_size=1024, source_iters=3, stage2_iters=2, stage3_iters=3, eval_max_tokens=1024, max_docs=30, heldout_every=5),
+    "full": Scale(vocab_size=16384, source_iters=40, stage2_iters=40, stage3_iters=100, eval_max_words=8192, max_docs=None, heldout_every=10),
+    "smoke": Scale(vocab_size=1024, source_iters=3, stage2_iters=2, stage3_iters=3, eval_max_words=500, max_docs=30, heldout_every=5),
 }
 
 
@@ -71,22 +87,23 @@ class Demo:
         self.workers = workers
         self.done = run_dir / ".done"
         self.logs = run_dir / "logs"
-        self.timings: dict[str, float] = {}
+        self.timings: dict[str, tuple[float, float]] = {}  # step -> (wall s, CPU s of the demo and its children)
 
     # ---- plumbing -----------------------------------------------------------------------
     def step(self, name: str, fn) -> None:
         marker = self.done / name
         if marker.exists():
-            self.timings[name] = float(marker.read_text() or 0)
+            wall, _, cpu = marker.read_text().partition(" ")
+            self.timings[name] = (float(wall or 0), float(cpu or 0))
             print(f"== {name}: done earlier, reused ({marker})", flush=True)
             return
         print(f"\n== {name}", flush=True)
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), cpu_seconds()
         fn()
-        self.timings[name] = time.perf_counter() - started
+        self.timings[name] = (time.perf_counter() - started, cpu_seconds() - cpu_started)
         self.done.mkdir(parents=True, exist_ok=True)
-        marker.write_text(f"{self.timings[name]:.1f}")
-        print(f"== {name}: {self.timings[name]:.1f} s", flush=True)
+        marker.write_text("%.1f %.1f" % self.timings[name])
+        print("== %s: %.1f s, %.1f CPU s" % (name, *self.timings[name]), flush=True)
 
     def sh(self, *args: str | Path, log: str) -> None:
         """Run a command from the repository root, streaming its output, also into logs/."""
@@ -115,12 +132,11 @@ class Demo:
         sizes applied; written to RUN/recipes/ (the exact recipe each step ran)."""
         text = (REPO / "examples" / "tiny" / f"{name}.yaml").read_text().replace("runs/demo", str(self.run))
         data = yaml.safe_load(text)
-        s = self.scale
-        data["evaluation"]["eval_max_tokens"] = s.eval_max_tokens
-        if name != "source_english":
-            data["model"]["vocab_size"] = s.vocab_size
+        changes.setdefault("evaluation", {})["max_words"] = self.scale.eval_max_words
+        if name != SOURCE_RECIPE:
+            changes.setdefault("model", {})["vocab_size"] = self.scale.vocab_size
         for section, values in changes.items():
-            data.setdefault(section, {}).update(values)
+            set_fields(data, section, values)
         out = self.run / "recipes" / f"{name}.yaml"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(yaml.safe_dump(data, sort_keys=False))
@@ -136,11 +152,12 @@ class Demo:
             every = self.scale.heldout_every
             (split / f"{lang}_train.jsonl").write_text("".join(d for i, d in enumerate(docs) if i % every != every - 1))
             (split / f"{lang}_heldout.jsonl").write_text("".join(d for i, d in enumerate(docs) if i % every == every - 1))
-        self.tool("preprocess_data", "--input", split / "en_train.jsonl", "--output-prefix", self.run / "data" / "tekken" / "en_text_document",
-                  "--tokenizer", "tekken", "--workers", self.workers, "--append-eod", log="prepare")
+        for lang in source_languages():  # the source model's training text, tokenized with Tekken
+            self.tool("preprocess_data", "--input", split / f"{lang}_train.jsonl", "--output-prefix", self.run / "data" / "tekken" / f"{lang}_text_document",
+                      "--tokenizer", "tekken", "--workers", self.workers, "--append-eod", log="prepare")
 
     def source(self) -> None:
-        recipe = self.recipe("source_english")
+        recipe = self.recipe(SOURCE_RECIPE)
         self.torchrun(recipe, "--train-iters", self.scale.source_iters, log="source")
         self.tool("convert_checkpoint", "mcore-to-hf", "--mcore", self.latest(self.run / "source" / "ckpt"),
                   "--out", self.fresh_dir(self.run / "source" / "hf"), "--dtype", "fp32", log="source")
@@ -171,16 +188,32 @@ class Demo:
 
     def eval_before(self) -> None:
         """The transferred model's held-out loss, before stage 2 (training for 0 steps)."""
-        recipe = self.recipe("stage2_embeddings", checkpoint={"save": None, "load": None, "save_interval": None},
-                             logging={"log_json": str(self.logs / "eval_before.jsonl")})
-        self.torchrun(recipe, "--train-iters", "0", log="eval_before")
+        self.evaluate(self.run / "transferred" / "mcore", "eval_before")
+
+    def variants(self) -> None:
+        """The same evaluation after other initialisations of the new tokens' rows (same source
+        model, same tokenizer, same held-out words): logs/eval_<name>.jsonl."""
+        for name, (init, head) in INIT_VARIANTS.items():
+            hf, mcore = self.run / "variants" / name / "hf", self.run / "variants" / name / "mcore"
+            self.tool("transfer_embeddings", "--source", self.run / "source" / "hf", "--source-tokenizer", "tekken",
+                      "--target-tokenizer", self.run / "tokenizer", "--init", init, "--head", head,
+                      "--output", self.fresh_dir(hf), log="variants")
+            self.tool("convert_checkpoint", "hf-to-mcore", "--hf", hf, "--out", self.fresh_dir(mcore), "--tp", "2", log="variants")
+            self.evaluate(mcore, f"eval_{name}")
+
+    def evaluate(self, mcore: Path, name: str) -> None:
+        """Held-out evaluation of a megatron-core checkpoint with the stage 2 recipe (training for
+        0 steps); its records go to logs/<name>.jsonl."""
+        recipe = self.recipe("stage2_embeddings", checkpoint={"pretrained": str(mcore), "save": None, "load": None, "save_interval": None},
+                             logging={"json": str(self.logs / f"{name}.jsonl")})
+        self.torchrun(recipe, "--train-iters", "0", log=name)
 
     def stage2(self) -> None:
         self.torchrun(self.recipe("stage2_embeddings", checkpoint={"save_interval": self.scale.stage2_iters}), "--train-iters", self.scale.stage2_iters, log="stage2")
 
     def stage3(self) -> None:
         start = self.run / "stage2" / "ckpt" / f"iter_{self.scale.stage2_iters:07d}"
-        recipe = self.recipe("stage3_full", checkpoint={"pretrained_checkpoint": str(start)},
+        recipe = self.recipe("stage3_full", checkpoint={"pretrained": str(start)},
                              schedule={"decay_iters": max(1, self.scale.stage3_iters // 5), "warmup_iters": min(5, self.scale.stage3_iters - 1)})
         self.torchrun(recipe, "--train-iters", self.scale.stage3_iters, log="stage3")
 
@@ -192,7 +225,7 @@ class Demo:
     def report(self) -> None:
         from report import write_report  # examples/demo/report.py
 
-        write_report(self.run, self.scale, self.timings)
+        write_report(self.run, self.scale, self.timings, self.run / "recipes" / f"{SOURCE_RECIPE}.yaml")
         print((self.run / "report.md").read_text())
 
     # ---- helpers ----------------------------------------------------------------------
@@ -208,8 +241,40 @@ class Demo:
         return path
 
 
+def set_fields(recipe: dict, section: str, values: dict) -> None:
+    """Set fields of a recipe's section by their current names, dropping an old spelling of the
+    same field that the example recipe may still use (the recipe refuses both at once)."""
+    from megatron_normistral.config.fields import old_names
+    from megatron_normistral.config.recipe import Recipe
+
+    old_spelling = {new: old for old, new in old_names(type(dict(Recipe().sections())[section])).items()}
+    fields = recipe.setdefault(section, {})
+    for key, value in values.items():
+        fields.pop(old_spelling.get(key), None)
+        fields[key] = value
+
+
+def source_languages() -> list[str]:
+    """The languages the source model trains on: those of its recipe's corpora."""
+    data = yaml.safe_load((REPO / "examples" / "tiny" / f"{SOURCE_RECIPE}.yaml").read_text())
+    return [corpus["language"] for corpus in data["data"]["corpora"]]
+
+
+def cpu_seconds() -> float:
+    """CPU time (user + system) of this process and of its finished children (torchrun's
+    workers included): a cost measure that a busy shared machine does not inflate as it does
+    wall time."""
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+STEPS = ("prepare", "source", "tokenizer", "fertility", "preprocess", "transfer", "eval_before", "variants", "stage2", "stage3", "export")
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     parser.add_argument("--run-dir", default=str(REPO / "runs" / "demo"), help="where everything is written (default runs/demo)")
     parser.add_argument("--fresh", action="store_true", help="delete the run folder first and start over")
     parser.add_argument("--smoke", action="store_true", help="far smaller settings (the CI test of this pipeline)")
@@ -223,7 +288,7 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(Path(__file__).parent))
     demo = Demo(run_dir, scale, args.workers)
     started = time.perf_counter()
-    for name in ("prepare", "source", "tokenizer", "fertility", "preprocess", "transfer", "eval_before", "stage2", "stage3", "export"):
+    for name in STEPS:
         demo.step(name, getattr(demo, name))
     demo.report()
     print(f"\ndemo finished in {time.perf_counter() - started:.0f} s; report: {run_dir / 'report.md'}")

@@ -60,7 +60,7 @@ def time_forward(model, ids: list[int], repeats: int = 5) -> float:
 def main(argv=None) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     parser.add_argument("--run-dir", required=True, help="the demo's run folder")
     parser.add_argument("--words", type=int, default=300, help="words of held-out Bokmål text for the timing (default 300)")
     args = parser.parse_args(argv)
