@@ -9,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_normistral.tokenizer.corpus import parse_language_inputs  # noqa: E402
+from megatron_normistral.tokenizer.corpus import add_language_input_flags, parse_language_inputs  # noqa: E402
 from megatron_normistral.tokenizer.fertility import FERTILITY_RULE, FertilityConfig, measure_fertility  # noqa: E402
 from megatron_normistral.tool_io import run_tool  # noqa: E402
 
@@ -34,12 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "Repeat; the first is the reference.")
     p.add_argument("--label", action="append", metavar="NAME",
                    help="display name for each --tokenizer, in order (default: 'tekken' or the folder name)")
-    p.add_argument("--input", action="append", required=True, metavar="LANG=PATH_OR_GLOB",
-                   help="a language's corpus: JSONL or JSONL.gz (one document per line), a parquet file or a saved "
-                        "Hugging Face dataset folder, text under --json-key; a glob (quote it) names several. "
-                        "Repeat per language, and for more inputs of one language. Read as a stream, once")
-    p.add_argument("--json-key", default="text",
-                   help="JSON key, or column of a parquet file / dataset, holding the text (default %(default)s)")
+    add_language_input_flags(p, read_note=". Read as a stream, once")
     p.add_argument("--max-documents", type=int, default=None, help="use only the first N documents of each language")
     p.add_argument("--markdown", metavar="OUT.md", help="also write the tables as Markdown to this file")
     p.add_argument("--plot", metavar="OUT.png", help="also write a bar chart (PNG) to this file")

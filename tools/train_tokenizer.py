@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_normistral.tokenizer.corpus import parse_assignments, parse_language_inputs  # noqa: E402
+from megatron_normistral.tokenizer.corpus import add_language_input_flags, parse_assignments, parse_language_inputs  # noqa: E402
 from megatron_normistral.tokenizer.trainer import (  # noqa: E402
     AUTHORS_EVERY,
     BACKENDS,
@@ -57,12 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
     )
-    p.add_argument("--input", action="append", required=True, metavar="LANG=PATH_OR_GLOB",
-                   help="a language's corpus: JSONL or JSONL.gz (one document per line), a parquet file or a saved "
-                        "Hugging Face dataset folder, text under --json-key; a glob (quote it) names several. "
-                        "Repeat per language, and for more inputs of one language")
-    p.add_argument("--json-key", default="text",
-                   help="JSON key, or column of a parquet file / dataset, holding the text (default %(default)s)")
+    add_language_input_flags(p)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--every", action="append", metavar="LANG=N",
                    help="keep documents 0, N, 2N, ... of LANG (the authors' rule). Languages not named keep every document.")

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from megatron_normistral.convert.families import ConversionError
+from megatron_normistral.convert.safetensors_io import read_json
 
 CARD_FILE = "README.md"
 FERTILITY_HEADER = "Fertility (subword tokens per word)."  # the first line tools/fertility.py --markdown writes
@@ -78,16 +79,6 @@ def read_fertility(path: str | os.PathLike) -> str:
     return text
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ConversionError(f"{path}: unreadable ({e}): damaged?") from None
-    if not isinstance(data, dict):
-        raise ConversionError(f"{path}: not a JSON object: damaged?")
-    return data
-
-
 def gather(checkpoint: Path, hf_dir: Path, hf_config: dict, model_json: dict, tokenizer_dir: Path | None,
            tokenizer_vocab_size: int | None, fertility: str | os.PathLike | None, base_model: str | None,
            name: str) -> ModelCardInputs:
@@ -101,13 +92,13 @@ def gather(checkpoint: Path, hf_dir: Path, hf_config: dict, model_json: dict, to
     has_record = (checkpoint / weights.MODEL_JSON).is_file()
     inputs.sources.append(f"{checkpoint.name}/{weights.MODEL_JSON}" if has_record else "the --arch architecture")
     if (checkpoint / "train_state.json").is_file():
-        inputs.train_state = _read_json(checkpoint / "train_state.json")
+        inputs.train_state = read_json(checkpoint / "train_state.json", "the checkpoint's train state")
         inputs.sources.append(f"{checkpoint.name}/train_state.json")
     if tokenizer_dir is not None:
         inputs.tokenizer_source = str(tokenizer_dir)
         inputs.tokenizer_vocab_size = tokenizer_vocab_size
         if (hf_dir / "training.json").is_file():
-            inputs.tokenizer_training = _read_json(hf_dir / "training.json")
+            inputs.tokenizer_training = read_json(hf_dir / "training.json", "the tokenizer's training record")
             inputs.sources.append("training.json (the tokenizer's, copied here)")
     if fertility is not None:
         inputs.fertility_markdown = read_fertility(fertility)

@@ -95,6 +95,17 @@ def iter_language(paths: Sequence[str | os.PathLike], text_key: str = "text") ->
         yield from iter_documents(path, text_key)
 
 
+def add_language_input_flags(parser, read_note: str = "") -> None:
+    """``--input LANG=PATH_OR_GLOB`` (repeatable) and ``--json-key``, as every tokenizer tool
+    takes them (parsed by :func:`parse_language_inputs`); ``read_note`` ends --input's help."""
+    parser.add_argument("--input", action="append", required=True, metavar="LANG=PATH_OR_GLOB",
+                        help="a language's corpus: JSONL or JSONL.gz (one document per line), a parquet file or a "
+                             "saved Hugging Face dataset folder, text under --json-key; a glob (quote it) names "
+                             "several. Repeat per language, and for more inputs of one language" + read_note)
+    parser.add_argument("--json-key", default="text",
+                        help="JSON key, or column of a parquet file / dataset, holding the text (default %(default)s)")
+
+
 def parse_language_inputs(items: list[str] | None, what: str = "--input") -> dict[str, list[str]]:
     """Repeated ``LANG=PATH_OR_GLOB`` flags -> {language: [paths or globs]}, languages in the
     order first given; a language given again gets one more input."""

@@ -151,9 +151,10 @@ class MetricsLogger:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key != "step" and math.isfinite(value):
                     self.writer.add_scalar(f"train/{key}", value, record["step"])
+        progress = self.progress.of(record["step"])  # every step, so the first printed line has an ETA
         if record["step"] % self.log_interval == 0:
             parts = [
-                f"step {record['step']:>6}{self.progress.of(record['step'])}",
+                f"step {record['step']:>6}{progress}",
                 f"loss {record['loss']:.4f}",
                 f"(causal {_number(record['loss_causal'], '.4f')} masked {_number(record['loss_masked'], '.4f')})",
                 f"lr {record['lr']:.3e}",

@@ -191,6 +191,28 @@ def test_export_reads_only_model_keys_of_a_training_checkpoint(work, runs, hf_mo
     assert all(torch.equal(back[n], t) for n, t in hf_model.items())
 
 
+def test_export_writes_a_model_card_from_the_checkpoint_records(work, runs):
+    """README.md in the HF folder: the architecture from config.json, training rows from the
+    checkpoint's train_state.json only where the checkpoint has one, licence placeholders."""
+    import shutil
+
+    converted = work / "saved_tp2pp2"  # a converted checkpoint: no train state
+    assert not (converted / "train_state.json").exists()
+    trained = work / "card_trained"
+    shutil.copytree(converted, trained, dirs_exist_ok=True)
+    state = {"step": 1234, "consumed_samples": 9872, "skipped_steps": 3, "trainable": "full"}
+    (trained / "train_state.json").write_text(json.dumps(state))
+    for ckpt, out in ((converted, work / "hf_card_converted"), (trained, work / "hf_card_trained")):
+        hf_mcore.mcore_to_hf(ckpt, out, dtype="fp32")
+    card = (work / "hf_card_trained" / "README.md").read_text()
+    config = json.loads((work / "hf_card_trained" / "config.json").read_text())
+    assert "## Training" in card
+    for row in ("| optimizer steps | 1234 |", "| samples consumed | 9872 |", "| steps skipped (non-finite loss) | 3 |"):
+        assert row in card, row
+    assert str(config["num_hidden_layers"]) in card and "PLACEHOLDER" in card
+    assert "## Training" not in (work / "hf_card_converted" / "README.md").read_text()
+
+
 def test_greedy_generation_of_exported_model_matches_megatron(work, runs, prompts):
     from transformers import AutoModelForCausalLM, GenerationConfig
 
