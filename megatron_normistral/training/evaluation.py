@@ -26,7 +26,7 @@ import torch
 
 from megatron_normistral.data.objective import ObjectiveConfig, build_batch
 from megatron_normistral.tokenizer.corpus import iter_documents, split_paragraphs
-from megatron_normistral.runtime.parallel import device
+from megatron_normistral.runtime.collectives import sum_over, world
 from megatron_normistral.training.batches import to_device
 from megatron_normistral.training.ddp import sync_params
 from megatron_normistral.training.step import attention_inputs
@@ -200,13 +200,13 @@ def evaluate(chunks, data: list[EvalData], objective: ObjectiveConfig, ids, seq_
                     )
                 key = "nll" if mode == "causal" else "correct"
                 totals = torch.tensor([sum(float(r[key]) for r in reports or []), sum(float(r["count"]) for r in reports or [])],
-                                      dtype=torch.float64, device=device())
+                                      dtype=torch.float64)
                 # Only last-stage ranks have reports; all DP replicas evaluated the same windows.
                 from megatron.core import parallel_state
 
                 if parallel_state.get_data_parallel_rank() != 0 or parallel_state.get_tensor_model_parallel_rank() != 0:
                     totals.zero_()
-                torch.distributed.all_reduce(totals)
+                totals = sum_over(totals, world())  # every rank gets the result; rank 0 logs it
                 if mode == "causal":
                     if int(totals[1]) != eval_data.tokens:
                         raise RuntimeError(f"evaluation of {eval_data.language} scored {int(totals[1]):,} tokens, but its "
