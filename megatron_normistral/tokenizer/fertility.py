@@ -20,7 +20,7 @@ from typing import Iterable, Sequence
 
 from megatron_normistral.tokenizer.corpus import CorpusError, iter_language, language_files, split_paragraphs
 from megatron_normistral.tokenizer.wrappers import Tokenizer, load_tokenizer
-from megatron_normistral.runtime.logs import STDERR, get_logger
+from megatron_normistral.runtime.logs import get_logger, progress
 
 log = get_logger(__name__)
 
@@ -188,7 +188,5 @@ def measure_fertility(cfg: FertilityConfig) -> FertilityResult:
             raise CorpusError(f"{where} (--input {lang}): no words to measure: {what}; give a corpus with text")
         for label, cell in zip(labels, cells):
             result.cells[(label, lang)] = cell
-            if cfg.verbose:
-                log.info(f"{label} {lang}: {cell.tokens} tokens / {cell.words} words = {cell.fertility:.3f}",
-                         extra=STDERR)
+            progress(log, cfg.verbose, f"{label} {lang}: {cell.tokens} tokens / {cell.words} words = {cell.fertility:.3f}")
     return result
