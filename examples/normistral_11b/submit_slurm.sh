@@ -11,6 +11,10 @@
 # does not matter. Options after the ones given here win over the script's #SBATCH lines.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+if [[ ${1:-} == -h || ${1:-} == --help ]]; then  # the header above is the usage
+  sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'
+  exit 0
+fi
 options=()
 if [[ " $* " == *" -- "* ]]; then
   while (( $# )) && [[ $1 != -- ]]; do

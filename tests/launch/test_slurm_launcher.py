@@ -239,6 +239,17 @@ def test_submit_wrapper_creates_logs_folder(tmp_path):
     assert out.returncode == 2 and out.stderr.startswith("submit_slurm.sh: error: no recipe")
 
 
+def test_submit_wrapper_help_prints_its_usage_and_submits_nothing(tmp_path):
+    job = Job(tmp_path)
+    for flag in ("--help", "-h"):
+        out = subprocess.run(["bash", str(EXAMPLES / "submit_slurm.sh"), flag], env=job.env, capture_output=True,
+                             text=True, timeout=30)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.startswith("Submit train_slurm.sbatch from any directory:")
+        assert "submit_slurm.sh [SBATCH_OPTION ...] -- RECIPE.yaml" in out.stdout and "set -euo" not in out.stdout
+        assert not (job.record / "sbatch-args").exists()
+
+
 # --- slow case: SIGUSR1 through the whole launcher ---------------------------------------------
 
 def _steps(log: Path) -> list[dict]:
