@@ -13,6 +13,8 @@ Both directions stream one layer at a time; see megatron_normistral/convert/. In
 before anything is written (a megatron checkpoint's files against its .metadata, so an
 interrupted save or partial copy is named); the output is written into a hidden sibling folder
 and renamed into place at the end. Bad input: one line naming the file, exit status 2.
+Progress goes to stderr (--quiet: none): a line after a layer, at most one every few seconds,
+with the share of the parameters done and an ETA; the summary line goes to stdout.
 """
 from __future__ import annotations
 
@@ -51,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     h2m.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16", "source"],
                      help="dtype stored in the checkpoint. 'source' keeps the HF dtype. Default fp32 (exact for "
                           "bf16/fp16 sources; what training's fp32 main weights hold)")
+    h2m.add_argument("--quiet", action="store_true", help="no progress output on stderr")
 
     m2h = sub.add_parser("mcore-to-hf", help="megatron-core distributed checkpoint -> Hugging Face Mistral folder",
                          allow_abbrev=False,
@@ -80,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "a Hugging Face folder names that folder)")
     m2h.add_argument("--no-model-card", action="store_true",
                      help="do not write README.md (the model card) into --out")
+    m2h.add_argument("--quiet", action="store_true", help="no progress output on stderr")
     return parser
 
 
@@ -94,14 +98,14 @@ def _convert(args: argparse.Namespace) -> int:
     start = time.time()
     if args.command == "hf-to-mcore":
         report = hf_mcore.hf_to_mcore(args.hf, args.out, tp=args.tp, pp=args.pp, vpp=args.vpp, arch_name=args.arch,
-                                      dtype=None if args.dtype == "source" else args.dtype)
+                                      dtype=None if args.dtype == "source" else args.dtype, verbose=not args.quiet)
     else:
         ids = {k: v for k, v in (("bos_token_id", args.bos_id), ("eos_token_id", args.eos_id),
                                  ("pad_token_id", args.pad_id)) if v is not None}
         report = hf_mcore.mcore_to_hf(args.mcore, args.out, tokenizer_dir=args.tokenizer, dtype=args.dtype,
                                       arch_name=args.arch, max_shard_bytes=int(args.max_shard_size * 1000**3),
                                       special_ids=ids, fertility=args.fertility, base_model=args.base_model,
-                                      write_model_card=not args.no_model_card)
+                                      write_model_card=not args.no_model_card, verbose=not args.quiet)
     print(f"{args.command}: {report.arch.name}: read {report.tensors_read} tensors, wrote {report.tensors_written}"
           f"{', skipped ' + str(report.skipped) if report.skipped else ''} in {time.time() - start:.1f} s -> {args.out}")
     return 0

@@ -84,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "SentencePiece and byte-level BPE tokenizers that pass the checks in "
                         "megatron_normistral/tokenizer/segment_cache.py; Tekken is never cached)")
     p.add_argument("--progress-interval", type=float, default=d.progress_interval,
-                   help="seconds between progress lines on stderr, 0 for none (default %(default)s)")
+                   help="seconds between progress lines on stderr (percentage of the inputs' bytes on disk over "
+                        "all --json-keys passes, counts and rates, elapsed, ETA), 0 for none (default %(default)s)")
     return p
 
 

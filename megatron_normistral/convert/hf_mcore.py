@@ -8,6 +8,9 @@ write them as one part of a torch_dist checkpoint (:class:`.mcore_io.LayerwiseCh
 drop them. mcore -> HF: read a group's full tensors from a checkpoint of any layout, split them,
 write their bytes straight into the planned safetensors shards. Peak memory is about one group.
 
+Both report progress on stderr (:class:`ConversionProgress`): a line after a group, at most one
+every ``progress_interval`` seconds, with the share of the parameters done and an ETA.
+
 mcore -> HF also writes a model card, ``README.md`` (:mod:`.model_card`), from the checkpoint's
 records, the tokenizer's training record and an optional fertility table.
 
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -47,11 +51,16 @@ from megatron_normistral.convert.safetensors_io import (
     ShardedSafetensorsWriter,
 )
 from megatron_normistral.model.architectures import ArchConfig, get_architecture
+from megatron_normistral.runtime.logs import get_logger, progress
+from megatron_normistral.runtime.progress import ProgressMeter
 from megatron_normistral.tokenizer.wrappers import TOKENIZER_FILES
 from megatron_normistral.tool_io import staged_folder
 
+log = get_logger(__name__)
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+DEFAULT_PROGRESS_INTERVAL = 5.0  # seconds between progress lines at most: a small model gets few, not one per layer
 
 
 @dataclass
@@ -60,6 +69,37 @@ class ConversionReport:
     tensors_read: int = 0
     tensors_written: int = 0
     skipped: list[str] = field(default_factory=list)
+
+
+class ConversionProgress:
+    """``[convert] layer 12/40 | 31.2% | elapsed 0:01:02 | ETA 0:02:25`` on stderr after a group
+    (embedding, a layer, head) is written, at most one line every ``interval`` seconds; the
+    last group's line always comes. Nothing when not ``verbose``.
+
+    The percentage counts parameters, not groups: groups differ in size (a 131k-row embedding
+    holds as many parameters as two or three 12B layers), and the time a group takes (read,
+    convert, write) grows with its bytes, so the ETA stays even across them."""
+
+    def __init__(self, direction: str, arch: ArchConfig, verbose: bool, interval: float = DEFAULT_PROGRESS_INTERVAL):
+        groups = list(family_of(arch).groups(arch))
+        self.arch, self.verbose, self.groups = arch, verbose, len(groups)
+        total = sum(self._parameters(group) for group in groups)
+        self.meter = ProgressMeter(total, interval)
+        self.done = self.groups_done = 0
+        count = f"{total / 1e9:,.2f}B" if total >= 1e9 else f"{total / 1e6:,.2f}M"
+        progress(log, verbose, f"[convert] {direction}: {self.groups} groups (embedding, {arch.num_layers} layers, "
+                               f"head), {count} parameters")
+
+    def _parameters(self, group) -> int:
+        return sum(math.prod(megatron_shape(self.arch, m)) for m in group.mappings)
+
+    def group_done(self, group) -> None:
+        self.done += self._parameters(group)
+        self.groups_done += 1
+        if not self.verbose or not self.meter.due(force=self.groups_done == self.groups):
+            return
+        what = group.name if group.layer is None else f"layer {group.layer + 1}/{self.arch.num_layers}"
+        progress(log, self.verbose, f"[convert] {what} | {self.meter.text(self.done)}")
 
 
 def check_output_free(out_dir: str | os.PathLike) -> Path:
@@ -79,13 +119,15 @@ def _parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 
 
 def hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, tp: int = 1, pp: int = 1,
-                vpp: int | None = None, arch_name: str | None = None, dtype: str | None = "fp32") -> ConversionReport:
+                vpp: int | None = None, arch_name: str | None = None, dtype: str | None = "fp32",
+                verbose: bool = True, progress_interval: float = DEFAULT_PROGRESS_INTERVAL) -> ConversionReport:
     """HF folder (of a registered model family) -> torch_dist checkpoint + ``normistral_model.json``.
 
     The checkpoint stores global tensors, so it loads at any layout; ``tp/pp/vpp`` are checked
     against the architecture now (rather than when training starts) and recorded.
     ``dtype`` None keeps the HF dtype; the default fp32 is what fp32 and mixed-precision
     (fp32 main weights) training hold, and bf16/fp16 -> fp32 is exact.
+    ``verbose``: progress lines on stderr (:class:`ConversionProgress`).
     """
     from megatron_normistral.model.provider import validate_layout
     from megatron_normistral.runtime.parallel import ParallelConfig
@@ -134,6 +176,7 @@ def hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, tp: int =
     report = ConversionReport(arch=arch, skipped=skipped)
     with staged_folder(out_dir) as staging, mcore_io.single_process_world():
         writer = mcore_io.LayerwiseCheckpointWriter(staging, arch.num_layers, family=family.name)
+        shown = ConversionProgress("hf-to-mcore", arch, verbose, progress_interval)
         for group in family.groups(arch):
             tensors = {}
             for mapping in group.mappings:
@@ -145,6 +188,7 @@ def hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, tp: int =
             writer.write_group(tensors)
             report.tensors_written += len(tensors)
             del tensors
+            shown.group_done(group)
         left = reader.unconsumed()
         if left:
             raise ConversionError(f"HF tensors not converted: {left}")
@@ -179,13 +223,15 @@ def _tokenizer_special_ids(out_dir: Path, vocab_size: int) -> tuple[dict[str, in
 def mcore_to_hf(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None,
                 dtype: str = "bf16", arch_name: str | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
                 special_ids: dict[str, int | None] | None = None, fertility: str | os.PathLike | None = None,
-                base_model: str | None = None, write_model_card: bool = True) -> ConversionReport:
+                base_model: str | None = None, write_model_card: bool = True, verbose: bool = True,
+                progress_interval: float = DEFAULT_PROGRESS_INTERVAL) -> ConversionReport:
     """torch_dist checkpoint (any layout; may also hold optimizer state) -> HF folder of its model family.
 
     The architecture comes from ``normistral_model.json`` in the checkpoint, or ``arch_name``.
     Special token ids: ``special_ids`` overrides, else the tokenizer's, else Mistral's (1, 2).
     ``write_model_card``: also write ``README.md`` (:mod:`.model_card`), with the fertility table
     of ``fertility`` (a ``tools/fertility.py --markdown`` file) and ``base_model`` as given.
+    ``verbose``: progress lines on stderr (:class:`ConversionProgress`).
     """
     mcore_dir, out_dir = Path(mcore_dir), check_output_free(out_dir)
     weights.check_checkpoint_complete(mcore_dir)
@@ -219,6 +265,7 @@ def mcore_to_hf(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike, tokeni
             for name, shape_fn in zip(m.hf_names(group.layer), m.hf_shapes)]
     with staged_folder(out_dir) as staging:
         writer = ShardedSafetensorsWriter(staging, plan, max_shard_bytes=max_shard_bytes)
+        shown = ConversionProgress("mcore-to-hf", arch, verbose, progress_interval)
         for group in family.groups(arch):
             shapes = {m.megatron_name(group.layer): megatron_shape(arch, m) for m in group.mappings}
             tensors = mcore_io.read_megatron_tensors(mcore_dir, shapes, arch.num_layers, tensor_md, family=family.name)
@@ -231,6 +278,7 @@ def mcore_to_hf(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike, tokeni
                     report.tensors_written += 1
             if tensors:
                 raise ConversionError(f"megatron tensors read but not converted: {sorted(tensors)}")
+            shown.group_done(group)
         writer.close()
 
         ids = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": None}

@@ -54,6 +54,7 @@ import dataclasses
 import gzip
 import json
 import multiprocessing
+import os
 import sys
 import time
 import zlib
@@ -65,6 +66,7 @@ import numpy as np
 from megatron_normistral import _helpers  # built at install time; no pure-Python fallback on purpose
 from megatron_normistral.data import sources
 from megatron_normistral.data.indexed import DTYPE_CODES, IndexedDatasetWriter, token_dtype_for
+from megatron_normistral.runtime.progress import ProgressMeter
 from megatron_normistral.tokenizer.segment_cache import SegmentCacheNotExact, SegmentCachedEncoder
 
 
@@ -95,7 +97,7 @@ class PreprocessConfig:
     chunk_bytes: int = 1 << 18        # input bytes per work item (small: short idle tail at the end)
     backend: str = "cpp"              # writer: 'cpp' or the pure-Python 'reference' ('python': its old name)
     max_reported: int = 20            # bad lines reported in full; the rest are only counted
-    progress_interval: float = 2.0    # seconds between progress lines on stderr; <= 0: none
+    progress_interval: float = 2.0    # seconds between progress lines (percentage, ETA) on stderr; <= 0: none
     segment_cache: bool = True        # reuse encodings of repeated segments where exact (tokenizer.segment_cache)
     max_document_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES  # longer JSON lines are skipped ("document too long")
 
@@ -154,8 +156,31 @@ def shard_prefixes(prefix: str, shards: int) -> list[str]:
     return [prefix] if shards == 1 else [f"{prefix}-{i:05d}-of-{shards:05d}" for i in range(shards)]
 
 
+@dataclass
+class ReadPosition:
+    """How far a reader has got through one input, for the progress percentage: ``done`` of
+    ``total`` bytes of the file on disk for JSON Lines (of a ``.gz``: compressed bytes, the
+    offset in the file under the decompressor), ``done`` of ``total`` rows for a parquet file or
+    a saved dataset. ``total`` None: unknown (a pipe has no size)."""
+
+    done: int = 0
+    total: int | None = None
+
+    @property
+    def fraction(self) -> float | None:
+        if self.total is None:
+            return None
+        return min(self.done / self.total, 1.0) if self.total > 0 else 1.0
+
+
 def _open(path: str) -> IO[bytes]:
     return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+
+
+def _on_disk(f: IO[bytes]) -> IO[bytes]:
+    """The file on disk under a reader: a GzipFile's compressed file (its ``fileobj``, which
+    its decompressor reads from, so its ``tell()`` is the compressed offset), else the reader."""
+    return f.fileobj if isinstance(f, gzip.GzipFile) else f
 
 
 def _read_failure(path: str, line: int, exc: BaseException) -> BadInputError:
@@ -171,12 +196,14 @@ def _read_failure(path: str, line: int, exc: BaseException) -> BadInputError:
     return BadInputError(f"{path}: {why} {where}; {todo} (nothing was written)")
 
 
-def iter_blocks(path: str, chunk_bytes: int,
-                max_line_bytes: int | None = None) -> Iterator[tuple[int, bytes, dict[int, int]]]:
+def iter_blocks(path: str, chunk_bytes: int, max_line_bytes: int | None = None,
+                position: ReadPosition | None = None) -> Iterator[tuple[int, bytes, dict[int, int]]]:
     """(number of the block's first line, 1-based; block of whole lines; {line number: length}
     of the block's lines longer than ``max_line_bytes``). Such a line is not kept: the reader
     skips to its newline and the block holds an empty line in its place (line numbers stay
     right), so memory stays bounded by about ``max_line_bytes + chunk_bytes``.
+    ``position``, if given, is kept at the bytes of the file on disk read so far (compressed
+    bytes of a .gz) whenever a block is yielded; its total is the file's size.
     Raises :class:`BadInputError` when the file cannot be read to its end (truncated .gz)."""
     line = 1
     rest = b""          # start of an unfinished line
@@ -185,8 +212,15 @@ def iter_blocks(path: str, chunk_bytes: int,
     limit = max_line_bytes if max_line_bytes is not None else float("inf")
     try:
         with _open(path) as f:
+            on_disk = _on_disk(f)
+            # A pipe cannot tell() its offset and has no size: its position stays unknown.
+            track = position is not None and on_disk.seekable()
+            if track:
+                position.total = os.fstat(on_disk.fileno()).st_size
             while True:
                 data = f.read(chunk_bytes)
+                if track:
+                    position.done = on_disk.tell()
                 if not data:
                     break
                 if dropping:
@@ -214,10 +248,15 @@ def iter_blocks(path: str, chunk_bytes: int,
         yield line, rest, long_lines
 
 
-def iter_column_blocks(path: str, key: str, chunk_bytes: int) -> Iterator[tuple[int, list[str | None], int]]:
+def iter_column_blocks(path: str, key: str, chunk_bytes: int,
+                       position: ReadPosition | None = None) -> Iterator[tuple[int, list[str | None], int]]:
     """(first row, 1-based; about ``chunk_bytes`` of texts of column ``key``, None for a null;
-    their UTF-8 bytes) of a parquet file or saved dataset, read one record batch at a time."""
+    their UTF-8 bytes) of a parquet file or saved dataset, read one record batch at a time.
+    ``position``, if given, is kept at the rows read so far (of the input's rows) whenever a
+    block is yielded."""
     reader = sources.ColumnReader(path, key)
+    if position is not None:
+        position.total = reader.rows
     first, values, nbytes = 1, [], 0
     for row, batch, batch_bytes in reader.batches():
         if not values:
@@ -225,9 +264,13 @@ def iter_column_blocks(path: str, key: str, chunk_bytes: int) -> Iterator[tuple[
         values.extend(batch)
         nbytes += batch_bytes
         if nbytes >= chunk_bytes:
+            if position is not None:
+                position.done = first - 1 + len(values)
             yield first, values, nbytes
             values, nbytes = [], 0
     if values:
+        if position is not None:
+            position.done = first - 1 + len(values)
         yield first, values, nbytes
 
 
@@ -434,20 +477,52 @@ def _ordered_bounded(pool, fn, items: Iterator, window: int):
         yield pending.popleft().get()
 
 
-class _Progress:
-    def __init__(self, interval: float, stream=sys.stderr):
-        self.interval, self.stream = interval, stream
-        self.t0 = self.last = time.perf_counter()
+def input_sizes(files: list[str]) -> list[int | None]:
+    """Bytes on disk of each input: a file's size, a saved dataset folder's files together;
+    None for an input without a size (a pipe)."""
+    sizes: list[int | None] = []
+    for path in files:
+        if os.path.isdir(path):
+            sizes.append(sum(os.path.getsize(os.path.join(folder, name))
+                             for folder, _, names in os.walk(path) for name in names))
+        else:
+            sizes.append(os.path.getsize(path) if os.path.isfile(path) else None)
+    return sizes
 
-    def maybe(self, docs: int, nbytes: int, tokens: int, force: bool = False) -> None:
-        now = time.perf_counter()
-        if self.interval <= 0 or (not force and now - self.last < self.interval):
+
+class _Progress:
+    """The periodic ``[preprocess]`` line of one pass over the inputs (one key), every
+    ``interval`` seconds (<= 0: none); plain lines, no carriage returns, so a batch job's log
+    holds one line per interval.
+
+    Percentage and ETA count bytes of the inputs on disk, over every pass of the run (the
+    shared ``meter``; ``done_before``: the bytes of the passes already done). Why bytes on disk:
+    their total is known before reading starts (file sizes) and the read position is exact for
+    JSON Lines, the common case. A ``.gz`` counts its compressed offset, since its size on disk
+    is compressed. A parquet file or saved dataset has no byte offset per row (its column chunks
+    are compressed whole), so it counts rows read / rows, times its size: exact at each end of
+    the file, and in between as even as the rows' lengths. Rates (docs/s, ...) count this pass."""
+
+    def __init__(self, interval: float, stream, meter: ProgressMeter, done_before: float = 0.0):
+        self.interval, self.stream, self.meter, self.done_before = interval, stream, meter, done_before
+        self.t0 = time.perf_counter()
+
+    def maybe(self, read_bytes: float, docs: int, nbytes: int, tokens: int, force: bool = False) -> None:
+        """``read_bytes``: bytes on disk of this pass's inputs processed so far."""
+        if self.interval <= 0 or not self.meter.due(force):
             return
-        self.last = now
-        dt = max(now - self.t0, 1e-9)
-        print(f"[preprocess] {docs:,} docs ({docs / dt:,.0f} docs/s) | {nbytes / 1e6:,.1f} MB "
-              f"({nbytes / 1e6 / dt:,.2f} MB/s) | {tokens / 1e6:,.2f}M tokens ({tokens / 1e6 / dt:,.3f}M tokens/s)",
-              file=self.stream, flush=True)
+        done = self.done_before + read_bytes
+        dt = max(time.perf_counter() - self.t0, 1e-9)
+        percent = self.meter.percent(done)
+        print(f"[preprocess] {percent + ' | ' if percent else ''}{docs:,} docs ({docs / dt:,.0f} docs/s) | "
+              f"{nbytes / 1e6:,.1f} MB ({nbytes / 1e6 / dt:,.2f} MB/s) | {tokens / 1e6:,.2f}M tokens "
+              f"({tokens / 1e6 / dt:,.3f}M tokens/s) | {self.meter.times(done)}", file=self.stream, flush=True)
+
+
+def _run_meter(cfg: PreprocessConfig, sizes: list[int | None], passes: int) -> ProgressMeter:
+    """The clock of the whole run: ``passes`` times the inputs' bytes (unknown with a pipe)."""
+    total = None if any(size is None for size in sizes) else passes * sum(sizes)
+    return ProgressMeter(total, cfg.progress_interval)
 
 
 def preprocess(cfg: PreprocessConfig, tokenizer=None, log=sys.stderr) -> PreprocessResult:
@@ -476,12 +551,15 @@ def preprocess_json_keys(cfg: PreprocessConfig, keys: list[str], tokenizer=None,
     tok = tokenizer if tokenizer is not None else load_tokenizer(cfg.tokenizer)
     pending: list[IndexedDatasetWriter] = []
     results: dict[str, PreprocessResult] = {}
+    sizes = input_sizes(files)
+    meter = _run_meter(cfg, sizes, passes=len(keys))  # the percentage counts every key's pass
+    pass_bytes = sum(size or 0 for size in sizes)
     try:
-        for key in keys:
+        for n, key in enumerate(keys):
             one = dataclasses.replace(cfg, json_key=key,
                                       output_prefix=megatron_output_prefix(cfg.output_prefix, key, cfg.split_sentences))
             print(f"[preprocess] key {key!r} -> {one.output_prefix}", file=log)
-            results[key] = _preprocess(one, files, tok, log, pending)
+            results[key] = _preprocess(one, files, tok, log, pending, meter=meter, done_before=n * pass_bytes)
         for writer in pending:
             writer.commit()
     except BaseException:
@@ -503,9 +581,11 @@ def _checked_inputs(patterns: list[str], keys: list[str]) -> list[str]:
 
 
 def _preprocess(cfg: PreprocessConfig, files: list[str], tok, log,
-                pending: list[IndexedDatasetWriter] | None = None) -> PreprocessResult:
+                pending: list[IndexedDatasetWriter] | None = None, meter: ProgressMeter | None = None,
+                done_before: float = 0.0) -> PreprocessResult:
     """The pipeline for one key. ``pending`` None: commit the outputs here; else append the
-    finished (uncommitted) writers to it, for the caller to commit or abort."""
+    finished (uncommitted) writers to it, for the caller to commit or abort. ``meter``: the
+    run's progress clock (default: this pass alone); ``done_before``: its bytes already done."""
     t0 = time.perf_counter()
     eod_id = tok.eod_id if cfg.append_eod else None  # fails early if the tokenizer has no EOD
     bos_id = document_bos_id(tok, cfg.bos)
@@ -522,20 +602,32 @@ def _preprocess(cfg: PreprocessConfig, files: list[str], tok, log,
     reasons: collections.Counter = collections.Counter()
     reported = 0
     outputs = shard_prefixes(cfg.output_prefix, cfg.shards)
-    progress = _Progress(cfg.progress_interval, log)
-    meta: dict[int, tuple[int, int]] = {}  # block number -> (file index, bytes)
+    sizes = input_sizes(files)
+    before = [sum(size or 0 for size in sizes[:fi]) for fi in range(len(files))]  # bytes of the earlier inputs
+    meter = meter if meter is not None else _run_meter(cfg, sizes, passes=1)
+    progress = _Progress(cfg.progress_interval, log, meter, done_before)
+    # block number -> (file index, bytes, bytes on disk of the inputs up to the block's end).
+    # Taken when the block is read and shown when its result is written: with workers the
+    # reader runs up to 2 x workers blocks ahead, and those are not done yet.
+    meta: dict[int, tuple[int, int, float]] = {}
+
+    def read_through(fi: int, position: ReadPosition) -> float:
+        fraction = position.fraction
+        return before[fi] + (sizes[fi] or 0) * (fraction if fraction is not None else 0.0)
 
     def items() -> Iterator[tuple[int, int, bytes | list[str | None], dict[int, int]]]:
         b = 0
         for fi, path in enumerate(files):
+            position = ReadPosition()
             if kinds[fi] == sources.JSONL:
-                for first_line, block, long_lines in iter_blocks(path, cfg.chunk_bytes, cfg.max_document_bytes):
-                    meta[b] = (fi, len(block) + sum(long_lines.values()))
+                for first_line, block, long_lines in iter_blocks(path, cfg.chunk_bytes, cfg.max_document_bytes,
+                                                                 position):
+                    meta[b] = (fi, len(block) + sum(long_lines.values()), read_through(fi, position))
                     yield b, first_line, block, long_lines
                     b += 1
             else:
-                for first_row, values, nbytes in iter_column_blocks(path, cfg.json_key, cfg.chunk_bytes):
-                    meta[b] = (fi, nbytes)
+                for first_row, values, nbytes in iter_column_blocks(path, cfg.json_key, cfg.chunk_bytes, position):
+                    meta[b] = (fi, nbytes, read_through(fi, position))
                     yield b, first_row, values, {}
                     b += 1
 
@@ -554,7 +646,7 @@ def _preprocess(cfg: PreprocessConfig, files: list[str], tok, log,
             results = _ordered_bounded(pool, _process_block, items(), 2 * cfg.workers)
         docs_total = tokens_total = bytes_total = 0
         for block_no, tokens, lengths, counts, ndocs, bad, (block_hits, block_misses) in results:
-            fi, nbytes = meta.pop(block_no)
+            fi, nbytes, read_bytes = meta.pop(block_no)
             hits += block_hits
             misses += block_misses
             st = stats[fi]
@@ -579,7 +671,7 @@ def _preprocess(cfg: PreprocessConfig, files: list[str], tok, log,
             docs_total += ndocs
             tokens_total += int(tokens.size)
             bytes_total += nbytes
-            progress.maybe(docs_total, bytes_total, tokens_total)
+            progress.maybe(read_bytes, docs_total, bytes_total, tokens_total)
         if pool is not None:
             pool.close()
             pool.join()
@@ -608,7 +700,7 @@ def _preprocess(cfg: PreprocessConfig, files: list[str], tok, log,
         _W.clear()
     result = PreprocessResult(outputs, stats, dict(reasons), time.perf_counter() - t0, cache_state, hits, misses,
                               bos_id, eod_id)
-    progress.maybe(result.documents, result.bytes, result.tokens, force=True)
+    progress.maybe(sum(size or 0 for size in sizes), result.documents, result.bytes, result.tokens, force=True)
     print_summary(result, log)
     return result
 

@@ -26,11 +26,13 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from megatron_normistral.convert.families import ConversionError, family_for_hf_config
 from megatron_normistral.convert.safetensors_io import CheckpointIOError, HFCheckpointReader, encode_header, read_header, tensor_bytes
 from megatron_normistral.tokenizer.wrappers import TOKENIZER_FILES, Tokenizer, TokenizerSpecError, load_tokenizer
 from megatron_normistral.runtime.logs import get_logger, progress
+from megatron_normistral.runtime.progress import ProgressMeter
 
 log = get_logger(__name__)
 
@@ -68,6 +70,7 @@ class TransferConfig:
     seed: int = 0
     chunk_rows: int = 8192
     verbose: bool = True
+    progress_interval: float = 5.0  # seconds between row-progress lines of a matrix at most (its last always comes)
 
 
 @dataclass
@@ -178,9 +181,11 @@ def plan_transfer(source: Tokenizer, target: Tokenizer, source_rows: int | None 
     return TransferPlan(rows, specials)
 
 
-def init_rows(source_matrix, plan: TransferPlan, method: str, seed: int = 0, chunk_rows: int = 8192, out_dtype=None):
+def init_rows(source_matrix, plan: TransferPlan, method: str, seed: int = 0, chunk_rows: int = 8192, out_dtype=None,
+              on_rows: Callable[[int, int], None] | None = None):
     """New matrix (``len(plan.rows)`` x hidden, ``out_dtype``, default fp32) from
     ``source_matrix`` (any float dtype); arithmetic in fp32, cast once per row at the end.
+    ``on_rows(done, total)`` is called as the new rows start (0) and after each chunk of them.
 
     ``mean``: mean of the pieces' rows (fp32 arithmetic); ``first``: the first piece's row;
     ``random``: every regular row random (specials still follow the table). Rows the plan marks
@@ -204,6 +209,8 @@ def init_rows(source_matrix, plan: TransferPlan, method: str, seed: int = 0, chu
     gen = torch.Generator().manual_seed(seed)
     n_new = len(plan.rows)
     out = torch.empty(n_new, hidden, dtype=out_dtype or torch.float32)
+    if on_rows is not None:
+        on_rows(0, n_new)
     for a in range(0, n_new, chunk_rows):
         b = min(n_new, a + chunk_rows)
         blk = torch.zeros(b - a, hidden, dtype=torch.float32)
@@ -227,7 +234,27 @@ def init_rows(source_matrix, plan: TransferPlan, method: str, seed: int = 0, chu
             gathered *= torch.tensor(w, dtype=torch.float32).unsqueeze(1)
             blk.index_add_(0, torch.tensor(tgt, dtype=torch.long), gathered)
         out[a:b] = blk
+        if on_rows is not None:
+            on_rows(b, n_new)
     return out
+
+
+def row_progress(name: str, verbose: bool, interval: float) -> Callable[[int, int], None]:
+    """An ``on_rows`` for :func:`init_rows` that logs ``  NAME: rows 8,192/51,200 | 16.0% |
+    elapsed 0:00:03 | ETA 0:00:16`` at most every ``interval`` seconds, and the last chunk's
+    line always. The clock starts with the new rows (``done`` 0), after the pass over the
+    source matrix, so the ETA is the rate of the rows themselves."""
+    meter: ProgressMeter | None = None
+
+    def on_rows(done: int, total: int) -> None:
+        nonlocal meter
+        if done == 0:
+            meter = ProgressMeter(total, interval)
+            return
+        if verbose and meter.due(force=done >= total):
+            progress(log, verbose, f"  {name}: rows {done:,}/{total:,} | {meter.text(done)}")
+
+    return on_rows
 
 
 # --- safetensors, one tensor at a time ------------------------------------------------------
@@ -334,7 +361,8 @@ def transfer_embeddings(cfg: TransferConfig) -> TransferReport:
             method = {"mean": "mean", "source": cfg.init, "random": "random"}[cfg.head]
         progress(log, cfg.verbose, f"initialising {k} ({method}) ...")
         new = init_rows(mat, plan, method, seed=cfg.seed + (0 if k == embed_name else 1),
-                        chunk_rows=cfg.chunk_rows, out_dtype=mat.dtype)
+                        chunk_rows=cfg.chunk_rows, out_dtype=mat.dtype,
+                        on_rows=row_progress(k, cfg.verbose, cfg.progress_interval))
         replace_by_file.setdefault(fname, {})[k] = new
         del mat, new
 

@@ -7,6 +7,7 @@ one; PP2, PP2+VPP2 and TP1 load the TP2 PP2 save; the VPP one saves again like a
 checkpoint (with extra non-model keys), which TP1 loads and mcore-to-hf exports.
 """
 import json
+import re
 
 import pytest
 import torch
@@ -236,6 +237,47 @@ def test_bf16_single_file_round_trip(work):
     hf_mcore.mcore_to_hf(work / "mcore_bf16", work / "hf_bf16_back", dtype="bf16")
     back = _read_hf_folder(work / "hf_bf16_back")
     assert all(back[n].dtype == torch.bfloat16 and torch.equal(back[n], t) for n, t in state.items())
+
+
+# ---- progress ----------------------------------------------------------------------------
+_PROGRESS = re.compile(r"\[convert\] (embedding|layer (\d+)/4|head) \| (\d+\.\d)% \| elapsed \d+:\d\d:\d\d \| "
+                       r"ETA (?:\d+:\d\d:\d\d|-)")
+
+
+def test_both_directions_print_a_progress_line_per_layer_on_stderr(work, capsys):
+    src = work / "hf_progress"
+    state = make_hf_checkpoint(src, TINY, torch.float32, seed=4)
+    hf_mcore.hf_to_mcore(src, work / "mcore_progress", progress_interval=0)
+    hf_mcore.mcore_to_hf(work / "mcore_progress", work / "hf_progress_back", progress_interval=0,
+                         write_model_card=False)
+    out, err = capsys.readouterr()
+    assert "[convert]" not in out  # stdout stays the tools' result
+    total = sum(t.numel() for t in state.values())
+    embedding = state["model.embed_tokens.weight"].numel()
+    shown = [line for line in err.splitlines() if line.startswith("[convert] ")]
+    starts = [i for i, line in enumerate(shown) if " groups (embedding, 4 layers, head), " in line]
+    assert [shown[i].split(":")[0] for i in starts] == ["[convert] hf-to-mcore", "[convert] mcore-to-hf"]
+    for part in (shown[starts[0] + 1:starts[1]], shown[starts[1] + 1:]):
+        lines = [line for line in part if " | " in line]
+        matches = [_PROGRESS.fullmatch(line) for line in lines]
+        assert all(matches), lines
+        assert [m.group(1) for m in matches] == ["embedding", "layer 1/4", "layer 2/4", "layer 3/4", "layer 4/4", "head"]
+        percentages = [float(m.group(3)) for m in matches]
+        # shares of the parameters, not of the groups: the embedding is more than a sixth here
+        assert percentages[0] == float(f"{embedding / total:.1%}".rstrip("%")) and percentages[-1] == 100.0
+        assert percentages == sorted(percentages) and len(set(percentages)) == 6
+        assert lines[-1].endswith("ETA 0:00:00")
+
+
+def test_cli_quiet_prints_no_progress(work, capsys):
+    make_hf_checkpoint(work / "hf_quiet", TINY, torch.float32, seed=5)
+    assert cli(["hf-to-mcore", "--hf", str(work / "hf_quiet"), "--out", str(work / "mcore_quiet"), "--quiet"]) == 0
+    quiet = capsys.readouterr()
+    assert "[convert]" not in quiet.err and quiet.out.startswith("hf-to-mcore: hf: read ")
+    assert cli(["mcore-to-hf", "--mcore", str(work / "mcore_quiet"), "--out", str(work / "hf_quiet_back"),
+                "--no-model-card"]) == 0
+    shown = capsys.readouterr()
+    assert "[convert] head | 100.0% |" in shown.err and shown.out.startswith("mcore-to-hf: hf: read ")
 
 
 # ---- refusals ----------------------------------------------------------------------------

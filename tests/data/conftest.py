@@ -1,9 +1,11 @@
 """Shared fixtures of the data-pipeline tests: the corpus copy in examples/data/corpus and a
-small SentencePiece model trained from it once per session (no download)."""
+small SentencePiece model trained from it once per session (no download); and the parser of
+preprocessing's progress lines."""
 from __future__ import annotations
 
 import gzip
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -45,3 +47,16 @@ def tokenizer(spm_model):
     from megatron_normistral.tokenizer import load_tokenizer
 
     return load_tokenizer(spm_model)
+
+
+_PROGRESS_LINE = re.compile(r"\[preprocess\] (\d+\.\d)% \| [\d,]+ docs \(.*\) \| elapsed \d+:\d\d:\d\d \| "
+                            r"ETA (?:\d+:\d\d:\d\d|-)")
+
+
+def progress_percentages(log: str) -> list[float]:
+    """The percentages of a preprocessing log's progress lines, in order (every such line must
+    have the full form: percentage, counts and rates, elapsed, ETA)."""
+    lines = [line for line in log.splitlines() if line.startswith("[preprocess] ") and " docs (" in line]
+    for line in lines:
+        assert _PROGRESS_LINE.fullmatch(line), line
+    return [float(_PROGRESS_LINE.fullmatch(line).group(1)) for line in lines]

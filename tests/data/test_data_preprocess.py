@@ -18,8 +18,17 @@ import numpy as np
 import pytest
 
 from megatron_normistral.data.indexed import IndexedReader, corpus_max_token_id, merge_indexed, read_stats_sidecar
-from megatron_normistral.data.preprocess import BadInputError, PreprocessConfig, iter_blocks, preprocess
+from megatron_normistral.data.preprocess import (
+    BadInputError,
+    PreprocessConfig,
+    ReadPosition,
+    iter_blocks,
+    preprocess,
+    preprocess_json_keys,
+)
 from megatron_normistral.testing.tool_runs import failed_cleanly, run_tool_script
+
+from .conftest import progress_percentages
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -357,3 +366,57 @@ def test_over_long_document_is_skipped_and_reported(tmp_path, spm_model, tokeniz
     p = _run_tool(src, tmp_path / "strict" / "ds", spm_model, "--workers", "0", "--max-document-mb", "0.001", "--strict")
     failed_cleanly(p, f"{src}:2: document too long", "--max-document-mb")
     _nothing_written(tmp_path / "strict")
+
+
+# ---- progress lines ------------------------------------------------------------------------
+def _percent(part: float, whole: float) -> float:
+    return float(f"{part / whole:.1%}".rstrip("%"))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_progress_lines_count_input_bytes_on_disk_up_to_100_percent(tmp_path, corpus_texts, spm_model, workers):
+    plain = _write_jsonl(tmp_path / "a_nb.jsonl", corpus_texts["nb"][:30])
+    packed = _write_jsonl(tmp_path / "b_en.jsonl.gz", corpus_texts["en"][:30], gz=True)
+    total = plain.stat().st_size + packed.stat().st_size
+    log = io.StringIO()
+    preprocess(_cfg([plain, packed], tmp_path / "out", spm_model, workers=workers, chunk_bytes=4096,
+                    progress_interval=1e-9), log=log)
+    percentages = progress_percentages(log.getvalue())
+    assert len(percentages) > 5 and percentages == sorted(percentages) and percentages[-1] == 100.0
+    # The first line counts the first block alone (4096 bytes of the plain file), although the
+    # reader runs blocks ahead of the workers; the plain file's last block ends at its share.
+    assert percentages[0] == _percent(4096, total)
+    assert _percent(plain.stat().st_size, total) in percentages
+
+
+def test_gz_read_position_is_the_compressed_offset(corpus_dir):
+    path = corpus_dir / "nb.jsonl.gz"
+    size = path.stat().st_size
+    position, seen, text_bytes = ReadPosition(), [], 0
+    for _, block, _ in iter_blocks(str(path), chunk_bytes=16384, position=position):
+        seen.append(position.done)
+        text_bytes += len(block)
+    assert text_bytes > 2 * size  # the text is larger than the file: positions are not text bytes
+    assert position.total == size and seen[-1] == size
+    assert seen == sorted(seen) and len(set(seen)) >= 2 and seen[0] < size
+
+
+def test_progress_of_json_keys_counts_every_pass(tmp_path, corpus_texts, spm_model):
+    src = tmp_path / "docs.jsonl"
+    with open(src, "w", encoding="utf-8") as f:
+        for text in corpus_texts["nb"][:20]:
+            f.write(json.dumps({"text": text, "title": text[:300]}, ensure_ascii=False) + "\n")
+    log = io.StringIO()
+    preprocess_json_keys(_cfg([src], tmp_path / "multi", spm_model, chunk_bytes=4096, progress_interval=1e-9),
+                         ["text", "title"], log=log)
+    first, second = log.getvalue().split("[preprocess] key 'title'")
+    first_pass, second_pass = progress_percentages(first), progress_percentages(second)
+    assert len(first_pass) > 3 and first_pass == sorted(first_pass) and first_pass[-1] == 50.0
+    assert 50.0 < second_pass[0] and second_pass == sorted(second_pass) and second_pass[-1] == 100.0
+
+
+def test_no_progress_lines_with_interval_zero(tmp_path, small_inputs, spm_model):
+    d, _ = small_inputs
+    log = io.StringIO()
+    preprocess(_cfg([d / "a_nb.jsonl"], tmp_path / "out", spm_model, progress_interval=0), log=log)
+    assert progress_percentages(log.getvalue()) == [] and "\r" not in log.getvalue()

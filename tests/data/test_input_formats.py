@@ -19,6 +19,8 @@ from megatron_normistral.data.indexed import IndexedReader
 from megatron_normistral.data.preprocess import PreprocessConfig, preprocess
 from megatron_normistral.testing.tool_runs import REPO, failed_cleanly, run_tool_script
 
+from .conftest import progress_percentages
+
 
 # Bad rows among the documents: each format skips them the same way.
 AWKWARD = ["", "   \n ", "Tre ord her.", "ŋ đ š ž ǩ — “sitat” 🙂"]
@@ -80,6 +82,27 @@ def test_parquet_and_saved_dataset_give_the_jsonl_tokens(tmp_path, documents, sp
         assert results[name].files[0].skipped == results["jsonl"].files[0].skipped == 3 * 3  # "", spaces, null
     kept = [t for t in documents if t and not t.isspace()]
     assert IndexedReader(tmp_path / "dataset").num_documents == len(kept) == results["dataset"].documents
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_progress_of_parquet_and_saved_datasets_counts_rows_up_to_100_percent(tmp_path, documents, spm_model,
+                                                                               workers):
+    # more rows than a record batch holds (1,024), so that each input is read in several
+    texts = documents + [f"kort tekst nummer {i}" for i in range(2500)]
+    parquet = write_parquet(tmp_path / "docs.parquet", texts, row_group_size=500)
+    dataset = write_dataset(tmp_path / "ds", texts)
+    parquet_bytes = parquet.stat().st_size
+    total = parquet_bytes + sum(p.stat().st_size for p in dataset.rglob("*") if p.is_file())
+    log = io.StringIO()
+    preprocess(PreprocessConfig(inputs=[str(parquet), str(dataset)], output_prefix=str(tmp_path / "out"),
+                                tokenizer=spm_model, workers=workers, chunk_bytes=3000, progress_interval=1e-9), log=log)
+    percentages = progress_percentages(log.getvalue())
+    assert percentages == sorted(percentages) and percentages[-1] == 100.0
+    # rows read / rows, times the input's bytes on disk: the parquet file ends exactly at its
+    # share, and each input moves on as its rows are read
+    share = float(f"{parquet_bytes / total:.1%}".rstrip("%"))
+    assert share in percentages
+    assert len([p for p in percentages if p < share]) >= 2 and len([p for p in percentages if share < p < 100]) >= 2
 
 
 def test_globs_and_several_inputs_of_mixed_kinds(tmp_path, documents, spm_model):

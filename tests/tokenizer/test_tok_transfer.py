@@ -217,6 +217,31 @@ def test_bf16_rounds_fp32_mean(tmp_path, small_tokenizers, plans):
         assert torch.equal(new["model.embed_tokens.weight"][i], expected)
 
 
+_ROWS = re.compile(r"  (\S+): rows ([\d,]+)/3,000 \| (\d+\.\d)% \| elapsed \d+:\d\d:\d\d \| ETA (?:\d+:\d\d:\d\d|-)")
+
+
+def test_row_progress_of_each_matrix_on_stderr(tmp_path, source_model, small_tokenizers, capsys):
+    tok = str(small_tokenizers["sentencepiece"])  # 3,000 target rows
+    transfer_embeddings(TransferConfig(str(source_model), "tekken", tok, str(tmp_path / "every"), chunk_rows=1000,
+                                       progress_interval=0))
+    every = capsys.readouterr()
+    transfer_embeddings(TransferConfig(str(source_model), "tekken", tok, str(tmp_path / "hourly"), chunk_rows=1000,
+                                       progress_interval=3600))
+    hourly = capsys.readouterr()
+    assert "rows" not in every.out + hourly.out  # progress goes to stderr only
+
+    def rows(err: str) -> list[tuple[str, int, float]]:
+        lines = [line for line in err.splitlines() if ": rows " in line]
+        assert all(_ROWS.fullmatch(line) for line in lines), lines
+        return [(m.group(1), int(m.group(2).replace(",", "")), float(m.group(3)))
+                for m in map(_ROWS.fullmatch, lines)]
+
+    assert rows(every.err) == [(name, n, pct) for name in ("model.embed_tokens.weight", "lm_head.weight")
+                               for n, pct in ((1000, 33.3), (2000, 66.7), (3000, 100.0))]
+    # at most a line per interval, and each matrix's last line always
+    assert rows(hourly.err) == [("model.embed_tokens.weight", 3000, 100.0), ("lm_head.weight", 3000, 100.0)]
+
+
 def test_unknown_pieces_fall_back_to_random_and_are_reported(tmp_path, small_tokenizers):
     from tokenizers import Tokenizer, models, pre_tokenizers
 
