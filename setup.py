@@ -73,6 +73,8 @@ setup(
         "test": ["pytest", "hypothesis", "matplotlib"],
         # Parquet files and saved Hugging Face dataset folders as inputs (JSONL needs neither).
         "data": ["datasets", "pyarrow"],
+        # Weights & Biases logging (--wandb-project); without the flag it is never needed.
+        "wandb": ["wandb"],
     },
     zip_safe=False,
 )

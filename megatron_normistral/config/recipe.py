@@ -119,6 +119,9 @@ MEGATRON_FLAGS = {
     "--log-interval": ("logging", "interval"),
     "--log-json": ("logging", "json"),
     "--tensorboard-dir": ("logging", "tensorboard_dir"),
+    "--wandb-project": ("logging", "wandb_project"),
+    "--wandb-exp-name": ("logging", "wandb_exp_name"),
+    "--wandb-save-dir": ("logging", "wandb_save_dir"),
     "--recompute-granularity": ("model", "recompute_granularity"),
     "--num-layers": ("model", "num_layers"),
     "--overlap-grad-reduce": ("ddp", "overlap_grad_reduce"),
@@ -307,6 +310,18 @@ def _check_components(recipe: Recipe) -> None:
         raise RecipeError(str(exc)) from None
 
 
+def _check_wandb(logging) -> None:
+    """W&B's other flags need a project; a project needs the package (looked up, not imported)."""
+    import importlib.util
+
+    if not logging.wandb_project:
+        for name in ("wandb_exp_name", "wandb_save_dir"):
+            if getattr(logging, name):
+                raise RecipeError(f"{flag_name('logging', name)} needs --wandb-project")
+    elif importlib.util.find_spec("wandb") is None:
+        raise RecipeError("--wandb-project: the wandb package is not installed (pip install wandb)")
+
+
 def validate_recipe(recipe: Recipe, world_size: int | None) -> None:
     """Everything that can be checked before process groups exist, with the numbers.
     ``world_size`` None (no launcher: ``--print-config``) skips what depends on it."""
@@ -334,6 +349,7 @@ def validate_recipe(recipe: Recipe, world_size: int | None) -> None:
         raise RecipeError("stage.switch_to_full_at needs stage.trainable: embeddings")
     if recipe.checkpoint.save_interval and not recipe.checkpoint.save:
         raise RecipeError("--save-interval needs --save")
+    _check_wandb(recipe.logging)
     if not recipe.data.corpora:
         raise RecipeError("data.corpora is empty: give the corpora in the recipe (see examples/)")
     if t.train_iters > 0:  # the change points of data.mixture_changes

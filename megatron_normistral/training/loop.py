@@ -27,6 +27,7 @@ from megatron_normistral.training.model_setup import StageSwitch, TrainModel
 from megatron_normistral.training.monitors import NonFiniteGuard, Throughput, TrainingStopped
 from megatron_normistral.training.schedule import apply_learning_rate, learning_rate
 from megatron_normistral.training.step import lm_forward_step, train_step
+from megatron_normistral.training.trackers import WandbWriter  # imports wandb only when a run starts
 
 log = get_logger(__name__)
 
@@ -91,9 +92,13 @@ class Trainer:
             note = data_state.resume_note(data, state)
             if note:
                 log.info(note)
-        logging = recipe.logging
-        logger = MetricsLogger(logging.interval, logging.json, logging.tensorboard_dir, is_logger=dist.get_rank() == 0,
-                                total_steps=t.train_iters)
+        logging, is_logger = recipe.logging, dist.get_rank() == 0
+        wandb_run = None  # rank 0 only, after the restore: a resumed run continues its W&B run
+        if is_logger and logging.wandb_project:
+            wandb_run = WandbWriter.start(logging, recipe.to_dict(), recipe.checkpoint.save, recipe.checkpoint.load,
+                                          resumed=resumed is not None)
+        logger = MetricsLogger(logging.interval, logging.json, logging.tensorboard_dir, is_logger=is_logger,
+                                total_steps=t.train_iters, wandb=wandb_run)
         throughput = Throughput(arch, t.seq_length, t.global_batch_size, dist.get_world_size(), logging.peak_flops_per_device)
         return cls(
             recipe, data, model, state, checkpointer,

@@ -6,11 +6,15 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import psutil
 
 from megatron_normistral.runtime.logs import get_logger
+from megatron_normistral.runtime.progress import clock
+
+if TYPE_CHECKING:
+    from megatron_normistral.training.trackers import WandbWriter
 
 log = get_logger(__name__)
 
@@ -32,6 +36,17 @@ class LoggingConfig:
 
     peak_flops_per_device: float | None = None
     """Peak dense bf16 FLOP/s of one device, for MFU (e.g. 989e12 for an H100/H200 SXM); None: no MFU."""
+
+    wandb_project: str | None = None
+    """Also log the TensorBoard scalars to this Weights & Biases project (pip install wandb;
+    WANDB_MODE=offline keeps the run on disk); None: no W&B, and the package is not needed."""
+
+    wandb_exp_name: str | None = None
+    """Name of the W&B run (needs wandb_project); None: W&B picks one."""
+
+    wandb_save_dir: str | None = None
+    """Folder of the W&B run files (needs wandb_project); None: the folder wandb in
+    checkpoint.save, or W&B's own default (WANDB_DIR, else ./wandb) without a save folder."""
 
 
 @dataclass
@@ -96,11 +111,6 @@ def _number(value, fmt: str) -> str:
     return "-" if value is None or (isinstance(value, float) and not math.isfinite(value)) else format(value, fmt)
 
 
-def _clock(seconds: float) -> str:
-    minutes, s = divmod(int(seconds), 60)
-    return f"{minutes // 60}:{minutes % 60:02d}:{s:02d}"
-
-
 class Progress:
     """'/total (pct) | elapsed H:MM:SS | ETA H:MM:SS' for a step line, as Megatron-LM's log shows
     them. Elapsed counts from this process's first logged step; the ETA is the mean step time of
@@ -120,18 +130,21 @@ class Progress:
         first_step, started = self._first
         elapsed, done = now - started, step - first_step - 1
         eta = elapsed / done * (self.total - step) if done > 0 else float("nan")
-        eta_text = _clock(eta) if math.isfinite(eta) else "-"
-        return f"/{self.total} ({step / self.total:.1%}) | elapsed {_clock(elapsed)} | ETA {eta_text}"
+        eta_text = clock(eta) if math.isfinite(eta) else "-"
+        return f"/{self.total} ({step / self.total:.1%}) | elapsed {clock(elapsed)} | ETA {eta_text}"
 
 
 class MetricsLogger:
     def __init__(self, log_interval: int, log_json: str | None, tensorboard_dir: str | None, is_logger: bool,
-                 total_steps: int | None = None):
+                 total_steps: int | None = None, wandb: "WandbWriter | None" = None):
+        """``wandb``: a started W&B run (rank 0 only, :class:`~.trackers.WandbWriter`); it gets
+        the scalars TensorBoard gets, under the same names and steps."""
         self.log_interval = log_interval
         self.progress = Progress(total_steps)
         self.is_logger = is_logger
         self.json_file = None
         self.writer = None
+        self.wandb = wandb if is_logger else None
         if is_logger and log_json:
             Path(log_json).parent.mkdir(parents=True, exist_ok=True)
             self.json_file = open(log_json, "a")
@@ -147,10 +160,8 @@ class MetricsLogger:
         if self.json_file:
             self.json_file.write(json.dumps(json_safe(record)) + "\n")
             self.json_file.flush()
-        if self.writer:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key != "step" and math.isfinite(value):
-                    self.writer.add_scalar(f"train/{key}", value, record["step"])
+        self._scalars({f"train/{key}": value for key, value in record.items()
+                       if isinstance(value, (int, float)) and key != "step" and math.isfinite(value)}, record["step"])
         progress = self.progress.of(record["step"])  # every step, so the first printed line has an ETA
         if record["step"] % self.log_interval == 0:
             parts = [
@@ -174,18 +185,26 @@ class MetricsLogger:
         for language, values in results.items():
             line = " ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {_number(v, '.4f')}" for k, v in values.items())
             log.info(f"eval step {step} [{language}] {line}")
-            if self.writer:
-                for k, v in values.items():
-                    self.writer.add_scalar(f"eval/{language}/{k}", v, step)
             if self.json_file:
                 self.json_file.write(json.dumps(json_safe({"step": step, "eval": language, **values})) + "\n")
                 self.json_file.flush()
+        self._scalars({f"eval/{language}/{k}": v for language, values in results.items() for k, v in values.items()}, step)
+
+    def _scalars(self, scalars: dict[str, float], step: int) -> None:
+        """The same names and values to every scalar sink (W&B in one call: one row per step)."""
+        if self.writer:
+            for name, value in scalars.items():
+                self.writer.add_scalar(name, value, step)
+        if self.wandb:
+            self.wandb.log(scalars, step)
 
     def close(self) -> None:
         if self.json_file:
             self.json_file.close()
         if self.writer:
             self.writer.close()
+        if self.wandb:
+            self.wandb.close()
 
 
 class StepReporter:
