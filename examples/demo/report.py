@@ -15,18 +15,20 @@ import time
 from pathlib import Path
 
 LANGS = ["nb", "nn", "se", "sv", "da", "en"]
+TRAININGS = ("source", "stage2", "stage3")  # their step logs: logs/<name>.jsonl
 PHASES = [
     ("source", "source model (Tekken, English-centric)"),
-    ("eval_before", "transferred, before stage 2"),
+    ("mean_of_pieces", "transferred, before stage 2"),
     ("stage2", "after stage 2 (embeddings)"),
     ("stage3", "after stage 3 (full, hybrid)"),
 ]
-# Initialisations of the new tokens' rows, each evaluated before any training (logs/<key>.jsonl);
-# the first is the method's (run_demo.INIT_VARIANTS says how the others were made).
+# Initialisations of the new tokens' rows, each scored before any training by
+# tools/evaluate_model.py (logs/eval_init.json, a model per label); the first is the method's
+# (run_demo.INIT_VARIANTS says how the others were made).
 INITIALISATIONS = [
-    ("eval_before", "mean of pieces, input embeddings and LM head (the method)"),
-    ("eval_head_random", "mean of pieces, input embeddings only; LM head random (the authors' variant, method.md)"),
-    ("eval_random", "random rows for every new token"),
+    ("mean_of_pieces", "mean of pieces, input embeddings and LM head (the method)"),
+    ("head_random", "mean of pieces, input embeddings only; LM head random (the authors' variant, method.md)"),
+    ("random", "random rows for every new token"),
 ]
 
 
@@ -42,56 +44,18 @@ def train_records(records: list[dict]) -> list[dict]:
     return [by_step[s] for s in sorted(by_step)]
 
 
+def evaluate_model_results(path: Path) -> dict[str, dict[str, dict]]:
+    """tools/evaluate_model.py's --json: label -> language -> its figures (the keys the step
+    logs' evaluation records use: loss_per_word, masked_accuracy, words, tokens)."""
+    return {m["label"]: m["languages"] for m in json.loads(path.read_text())["models"]}
+
+
 def last_eval(records: list[dict]) -> dict[str, dict]:
     evals = [r for r in records if "eval" in r]
     if not evals:
         return {}
     last = max(r["step"] for r in evals)
     return {r["eval"]: r for r in evals if r["step"] == last}
-
-
-def plot_losses(run: Path, logs: dict[str, list[dict]], source_text: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for ax, name, title in zip(axes, ("source", "stage2", "stage3"), (f"source model ({source_text}, Tekken)", "stage 2: embeddings only (TP=2)", "stage 3: full, hybrid objective (PP=2)")):
-        recs = train_records(logs[name])
-        steps = [r["step"] for r in recs]
-        for key, label in (("loss_causal", "causal"), ("loss_masked", "masked")):
-            pts = [(s, r[key]) for s, r in zip(steps, recs) if r[key] is not None]  # null: no masked sample
-            if pts:
-                ax.plot(*zip(*pts), marker=".", label=label)
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss per token")
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(run / "loss.png", dpi=90)
-    plt.close(fig)
-
-
-def plot_eval(run: Path, table: dict[str, dict[str, float]]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    fig, ax = plt.subplots(figsize=(10, 4))
-    width = 0.8 / len(PHASES)
-    x = np.arange(len(LANGS))
-    for i, (key, label) in enumerate(PHASES):
-        values = [table.get(key, {}).get(lang, float("nan")) for lang in LANGS]
-        ax.bar(x + i * width, values, width, label=label)
-    ax.set_xticks(x + width * (len(PHASES) - 1) / 2, LANGS)
-    ax.set_ylabel("held-out loss per word (nats)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(run / "eval_loss_per_word.png", dpi=90)
-    plt.close(fig)
 
 
 def mixture_plan_text(run: Path) -> str:
@@ -219,13 +183,13 @@ def _compare(ours: dict[str, float], other: dict[str, float], lower_is_better: b
             "holds": holds}
 
 
-def measure_claims(run: Path, logs: dict[str, list[dict]]) -> dict:
-    """What the method claims, measured on this run (see the module docstring)."""
-    evals = {name: last_eval(records) for name, records in logs.items()}
+def measure_claims(run: Path, evals: dict[str, dict[str, dict]]) -> dict:
+    """What the method claims, measured on this run (see the module docstring). ``evals``: model
+    -> language -> its held-out figures (the trainings' last evaluation, the initialisations')."""
     loss = {name: {lang: r["loss_per_word"] for lang, r in e.items()} for name, e in evals.items()}
     claims: dict = {"initialisations": {name: loss.get(name, {}) for name, _ in INITIALISATIONS}}
-    claims["transferred_vs_random"] = _compare(loss["eval_before"], loss["eval_random"], lower_is_better=True)
-    claims["head_mean_vs_input_only"] = _compare(loss["eval_before"], loss["eval_head_random"], lower_is_better=True)
+    claims["transferred_vs_random"] = _compare(loss["mean_of_pieces"], loss["random"], lower_is_better=True)
+    claims["head_mean_vs_input_only"] = _compare(loss["mean_of_pieces"], loss["head_random"], lower_is_better=True)
     # What the source model knows, per language: its loss per token against a uniform guess over
     # its vocabulary (the transfer can only carry over what the source model has learnt).
     source_vocab = json.loads((run / "source" / "hf" / "config.json").read_text())["vocab_size"]
@@ -340,17 +304,18 @@ Masked-token accuracy on the positions stage 3's evaluation scores in masked mod
 
 
 def write_report(run: Path, scale, timings: dict[str, tuple[float, float]], source_recipe: Path) -> None:
-    logs = {name: read_jsonl(run / "logs" / f"{name}.jsonl") for name, _ in PHASES + INITIALISATIONS[1:]}
+    logs = {name: read_jsonl(run / "logs" / f"{name}.jsonl") for name in TRAININGS}
+    evals = {name: last_eval(records) for name, records in logs.items()}
+    evals.update(evaluate_model_results(run / "logs" / "eval_init.json"))
     started, cpu_started = time.perf_counter(), time.process_time()
-    claims = measure_claims(run, logs)
+    claims = measure_claims(run, evals)
     timings = dict(timings, **{"report: claims measured": (time.perf_counter() - started, time.process_time() - cpu_started)})
     (run / "claims.json").write_text(json.dumps(claims, indent=1, ensure_ascii=False) + "\n")
-    table = {name: {lang: r["loss_per_word"] for lang, r in last_eval(logs[name]).items()} for name, _ in PHASES}
-    accuracy = {name: {lang: r.get("masked_accuracy") for lang, r in last_eval(logs[name]).items()} for name, _ in PHASES}
+    table = {name: {lang: r["loss_per_word"] for lang, r in evals[name].items()} for name, _ in PHASES}
+    accuracy = {name: {lang: r.get("masked_accuracy") for lang, r in evals[name].items()} for name, _ in PHASES}
     source_text = source_mixture(source_recipe)
-    plot_losses(run, logs, source_text)
-    plot_eval(run, table)
     show = json.loads((run / "showcase.json").read_text())
+    new, source = json.loads((run / "logs" / "inference.json").read_text())["models"]
     fertility = (run / "fertility.md").read_text() if (run / "fertility.md").exists() else "(not found)"
 
     def fmt(v):
@@ -364,8 +329,8 @@ def write_report(run: Path, scale, timings: dict[str, tuple[float, float]], sour
         if recs:
             speed_rows.append(f"| {name} | {len(recs) + 1} | {statistics.median(r['tokens_per_s'] for r in recs):,.0f} | "
                               f"{statistics.median(r['step_time_s'] for r in recs):.3f} |")
-    tokens_ratio = show["new_tokens"] / show["source_tokens"]
-    time_ratio = show["new_forward_s"] / show["source_forward_s"]
+    new_nb, source_nb = new["languages"]["nb"], source["languages"]["nb"]
+    generation_ratio = new_nb["generation_s_per_1000_words"] / source_nb["generation_s_per_1000_words"]
     timing_rows = "\n".join(f"| {k} | {wall:.1f} | {cpu:.1f} |" for k, (wall, cpu) in timings.items())
     total_wall, total_cpu = sum(w for w, _ in timings.values()), sum(c for _, c in timings.values())
     mask_top = ", ".join(f"`{t!r}` ({p:.2f})" for t, p in show["mask_top5"])
@@ -393,7 +358,7 @@ Total negative log-likelihood of each language's held-out text divided by its nu
 |---|{'---|' * len(LANGS)}
 {eval_rows}
 
-![eval](eval_loss_per_word.png)
+![eval](plots/eval_loss_per_word.png)
 
 Masked-token accuracy (the model used bidirectionally on masked held-out text):
 
@@ -403,7 +368,8 @@ Masked-token accuracy (the model used bidirectionally on masked held-out text):
 
 ## Training
 
-![loss curves](loss.png)
+Curves by `tools/plot_run.py` (the source model, stage 2 and stage 3 end to end on one step
+axis): ![loss curves](plots/loss.png) ![learning rate](plots/lr.png) ![gradient norm](plots/grad_norm.png)
 
 | run | steps | median tokens/s | median step s |
 |---|---|---|---|
@@ -422,11 +388,18 @@ Stage 3 mixture plan (upsampling; printed by the run before training):
 
 ## Inference cost: new tokenizer vs source
 
-The same {show['timing_words']} words of held-out Bokmål: {show['source_tokens']} Tekken tokens vs
-{show['new_tokens']} new tokens (ratio {tokens_ratio:.2f}); forward time {show['source_forward_s'] * 1e3:.1f} ms vs
-{show['new_forward_s'] * 1e3:.1f} ms (ratio {time_ratio:.2f}). At this tiny size the 131,072-entry output layer of the
-source model ({show['source_parameters'] / 1e6:.1f}M parameters vs {show['new_parameters'] / 1e6:.1f}M) dominates the time,
-so the time ratio overstates what the 11B model gains; the token ratio carries over.
+`tools/evaluate_model.py` on the same {new_nb['words']:,} words of held-out Bokmål (logs/inference.json),
+both exported models read with `transformers`; generation: greedy, batch 1, {new['generation']['new_tokens']} new tokens
+timed, seconds per token x tokens per word x 1,000:
+
+| model | parameters | tokens per word | loss per word | generation s / 1,000 words |
+|---|---:|---:|---:|---:|
+| {new['label']} | {new['parameters'] / 1e6:.1f}M | {new_nb['tokens_per_word']:.3f} | {new_nb['loss_per_word']:.3f} | {new_nb['generation_s_per_1000_words']:.2f} |
+| {source['label']} | {source['parameters'] / 1e6:.1f}M | {source_nb['tokens_per_word']:.3f} | {source_nb['loss_per_word']:.3f} | {source_nb['generation_s_per_1000_words']:.2f} |
+
+Tokens per word: {new_nb['tokens_per_word'] / source_nb['tokens_per_word']:.2f} of the source's; generation time per word:
+{generation_ratio:.2f} of the source's. At this tiny size the 131,072-entry output layer of the source model dominates
+its time, so the time ratio overstates what the 11B model gains; the token ratio carries over.
 
 ## Step times
 

@@ -15,14 +15,17 @@ exactly as on a cluster, only with tiny settings:
   4. fertility  subword tokens per word, Tekken vs the new tokenizer
   5. preprocess tokenize every language with the new tokenizer (indexed .bin/.idx)
   6. transfer   mean-of-pieces embedding transfer, then HF -> megatron-core checkpoint
-  7. eval       held-out loss per word of the transferred model, before any training
-  8. variants   the same, for two other initialisations of the new tokens' rows (same
-                transformer, same tokenizer): input embeddings transferred but random LM-head
-                rows (the authors' variant), and random rows in both
+  7. variants   two other initialisations of the new tokens' rows (same transformer, same
+                tokenizer): input embeddings transferred but random LM-head rows (the authors'
+                variant), and random rows in both
+  8. eval_init  held-out loss per word and masked accuracy of the three initialisations, before
+                any training, with tools/evaluate_model.py and stage 2's evaluation settings (it
+                equals the training loop's evaluation: tests/tools/test_evaluate_model.py)
   9. stage2     embeddings + LM head only, TP=2 (torchrun, 2 processes)
  10. stage3     everything, hybrid objective, upsampled mixture, PP=2 (torchrun, 2 processes)
- 11. export     megatron-core -> Hugging Face; generate Norwegian; fill a <mask>; time both models
- 12. report     report.md + PNGs in the run folder, with the method's claims measured: the
+ 11. export     megatron-core -> Hugging Face; generate Norwegian; fill a <mask>; the exported and
+                the source model scored and timed on the same Bokmål words (tools/evaluate_model.py)
+ 12. report     report.md + PNGs (tools/plot_run.py) in the run folder, the method's claims measured: the
                 initialisations compared, a checksum of the transformer weights before and
                 after stage 2, English before and after, masked-token accuracy against
                 predictors that learned nothing
@@ -72,11 +75,15 @@ class Scale:
     eval_max_words: int  # held-out words per language: every tokenizer is scored on the same words
     max_docs: int | None  # documents per language (None: all)
     heldout_every: int  # every N-th document is held out
+    inference_words: int  # held-out Bokmål words of the inference-cost comparison
+    generation_tokens: int  # new tokens generated to time each model
 
 
 SCALES = {
-    "full": Scale(vocab_size=16384, source_iters=40, stage2_iters=40, stage3_iters=100, eval_max_words=8192, max_docs=None, heldout_every=10),
-    "smoke": Scale(vocab_size=1024, source_iters=3, stage2_iters=2, stage3_iters=3, eval_max_words=500, max_docs=30, heldout_every=5),
+    "full": Scale(vocab_size=16384, source_iters=40, stage2_iters=40, stage3_iters=100, eval_max_words=8192, max_docs=None, heldout_every=10,
+                  inference_words=2000, generation_tokens=64),
+    "smoke": Scale(vocab_size=1024, source_iters=3, stage2_iters=2, stage3_iters=3, eval_max_words=500, max_docs=30, heldout_every=5,
+                   inference_words=200, generation_tokens=4),
 }
 
 
@@ -186,27 +193,23 @@ class Demo:
         self.tool("convert_checkpoint", "hf-to-mcore", "--hf", self.run / "transferred" / "hf", "--out", self.fresh_dir(self.run / "transferred" / "mcore"),
                   "--tp", "2", log="transfer")
 
-    def eval_before(self) -> None:
-        """The transferred model's held-out loss, before stage 2 (training for 0 steps)."""
-        self.evaluate(self.run / "transferred" / "mcore", "eval_before")
-
     def variants(self) -> None:
-        """The same evaluation after other initialisations of the new tokens' rows (same source
-        model, same tokenizer, same held-out words): logs/eval_<name>.jsonl."""
+        """Other initialisations of the new tokens' rows (same source model, same tokenizer):
+        variants/<name>/hf."""
         for name, (init, head) in INIT_VARIANTS.items():
-            hf, mcore = self.run / "variants" / name / "hf", self.run / "variants" / name / "mcore"
             self.tool("transfer_embeddings", "--source", self.run / "source" / "hf", "--source-tokenizer", "tekken",
                       "--target-tokenizer", self.run / "tokenizer", "--init", init, "--head", head,
-                      "--output", self.fresh_dir(hf), log="variants")
-            self.tool("convert_checkpoint", "hf-to-mcore", "--hf", hf, "--out", self.fresh_dir(mcore), "--tp", "2", log="variants")
-            self.evaluate(mcore, f"eval_{name}")
+                      "--output", self.fresh_dir(self.run / "variants" / name / "hf"), log="variants")
 
-    def evaluate(self, mcore: Path, name: str) -> None:
-        """Held-out evaluation of a megatron-core checkpoint with the stage 2 recipe (training for
-        0 steps); its records go to logs/<name>.jsonl."""
-        recipe = self.recipe("stage2_embeddings", checkpoint={"pretrained": str(mcore), "save": None, "load": None, "save_interval": None},
-                             logging={"json": str(self.logs / f"{name}.jsonl")})
-        self.torchrun(recipe, "--train-iters", "0", log=name)
+    def eval_init(self) -> None:
+        """Every initialisation scored before any training on stage 2's held-out words, windows and
+        masked spans (its recipe, as the training loop would evaluate it at step 0), in one
+        process: logs/eval_init.json (tools/evaluate_model.py --json)."""
+        models = [("mean_of_pieces", self.run / "transferred" / "hf")]
+        models += [(name, self.run / "variants" / name / "hf") for name in INIT_VARIANTS]
+        self.tool("evaluate_model", "--recipe", self.recipe("stage2_embeddings"),
+                  *[a for label, hf in models for a in ("--model", hf, "--label", label, "--tokenizer", self.run / "tokenizer")],
+                  "--generation-tokens", "0", "--json", self.logs / "eval_init.json", log="eval_init")
 
     def stage2(self) -> None:
         self.torchrun(self.recipe("stage2_embeddings", checkpoint={"save_interval": self.scale.stage2_iters}), "--train-iters", self.scale.stage2_iters, log="stage2")
@@ -221,9 +224,20 @@ class Demo:
         self.tool("convert_checkpoint", "mcore-to-hf", "--mcore", self.latest(self.run / "stage3" / "ckpt"), "--out", self.fresh_dir(self.run / "final" / "hf"),
                   "--tokenizer", self.run / "tokenizer", "--dtype", "fp32", log="export")
         self.sh(sys.executable, REPO / "examples" / "demo" / "showcase.py", "--run-dir", self.run, log="showcase")
+        # Inference cost: the exported and the source model on the same held-out Bokmål words,
+        # with the metric the training loop reports and greedy generation timed.
+        self.tool("evaluate_model", "--model", self.run / "final" / "hf", "--label", "new tokenizer (exported)",
+                  "--model", self.run / "source" / "hf", "--label", "source (Tekken)", "--tokenizer", "own", "--tokenizer", "tekken",
+                  "--eval", f"nb={self.run / 'data' / 'split' / 'nb_heldout.jsonl'}", "--max-words", self.scale.inference_words,
+                  "--seq-length", "128", "--generation-tokens", self.scale.generation_tokens,
+                  "--json", self.logs / "inference.json", log="export")
 
     def report(self) -> None:
         from report import write_report  # examples/demo/report.py
+
+        # Loss, lr, grad norm, throughput and held-out curves of the three trainings, end to end.
+        self.tool("plot_run", *[f"{name}={self.logs / f'{name}.jsonl'}" for name in ("source", "stage2", "stage3")],
+                  "--out-dir", self.run / "plots", log="report")
 
         write_report(self.run, self.scale, self.timings, self.run / "recipes" / f"{SOURCE_RECIPE}.yaml")
         print((self.run / "report.md").read_text())
@@ -270,7 +284,7 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-STEPS = ("prepare", "source", "tokenizer", "fertility", "preprocess", "transfer", "eval_before", "variants", "stage2", "stage3", "export")
+STEPS = ("prepare", "source", "tokenizer", "fertility", "preprocess", "transfer", "variants", "eval_init", "stage2", "stage3", "export")
 
 
 def main(argv=None) -> int:

@@ -1,6 +1,6 @@
-"""Use the exported model with plain `transformers`: generate a Norwegian continuation, fill a
-<mask> with the model used bidirectionally, and time the source and the new model on the
-same Norwegian text. Writes RUN/showcase.json.
+"""Use the exported model with plain `transformers`: generate a Norwegian continuation and fill a
+<mask> with the model used bidirectionally. Writes RUN/showcase.json. (The inference-cost
+comparison with the source model is tools/evaluate_model.py's, run by the demo's export step.)
 
     python examples/demo/showcase.py --run-dir runs/demo
 """
@@ -8,17 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from run_demo import MASK_SENTENCE, MASK_WORD, NORWEGIAN_PROMPT  # noqa: E402
-
-from megatron_normistral.tokenizer import load_tokenizer  # noqa: E402
 
 
 def generate(model, tokenizer, prompt: str, new_tokens: int = 24) -> str:
@@ -45,63 +41,31 @@ def fill_mask(model, tokenizer, sentence: str, top_k: int = 5) -> list[tuple[str
     return [(tokenizer.decode([int(i)]), float(p)) for p, i in zip(top.values, top.indices)]
 
 
-def time_forward(model, ids: list[int], repeats: int = 5) -> float:
-    x = torch.tensor([ids])
-    with torch.no_grad():
-        model(input_ids=x)  # warm-up
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            model(input_ids=x)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def main(argv=None) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     parser.add_argument("--run-dir", required=True, help="the demo's run folder")
-    parser.add_argument("--words", type=int, default=300, help="words of held-out Bokmål text for the timing (default 300)")
     args = parser.parse_args(argv)
     run = Path(args.run_dir)
     torch.manual_seed(0)
 
     final = AutoModelForCausalLM.from_pretrained(run / "final" / "hf", attn_implementation="eager").eval()
     tokenizer = AutoTokenizer.from_pretrained(run / "final" / "hf")
-    source = AutoModelForCausalLM.from_pretrained(run / "source" / "hf", attn_implementation="eager").eval()
-    tekken = load_tokenizer("tekken")
-    new = load_tokenizer(run / "tokenizer")
 
     continuation = generate(final, tokenizer, NORWEGIAN_PROMPT)
     filled = fill_mask(final, tokenizer, MASK_SENTENCE)
 
-    text = " ".join(json.loads(line)["text"] for line in (run / "data" / "split" / "nb_heldout.jsonl").read_text().splitlines() if line.strip())
-    text = " ".join(text.split()[: args.words])
-    source_ids = [tekken.bos_id] + tekken.encode(text)
-    new_ids = [new.bos_id] + new.encode(text)
-    max_len = min(final.config.max_position_embeddings, 4096)
-    source_ids, new_ids = source_ids[:max_len], new_ids[:max_len]
-    t_source, t_new = time_forward(source, source_ids), time_forward(final, new_ids)
     result = {
         "prompt": NORWEGIAN_PROMPT,
         "continuation": continuation,
         "mask_sentence": MASK_SENTENCE,
         "mask_word": MASK_WORD,
         "mask_top5": filled,
-        "timing_words": len(text.split()),
-        "source_tokens": len(source_ids),
-        "new_tokens": len(new_ids),
-        "source_forward_s": t_source,
-        "new_forward_s": t_new,
-        "source_parameters": sum(p.numel() for p in source.parameters()),
-        "new_parameters": sum(p.numel() for p in final.parameters()),
     }
     (run / "showcase.json").write_text(json.dumps(result, indent=1, ensure_ascii=False))
     print(f"generate: {NORWEGIAN_PROMPT!r} -> {continuation!r}")
     print(f"fill-mask: {MASK_SENTENCE} -> {filled}")
-    print(f"forward on {result['timing_words']} Bokmål words: source {len(source_ids)} tokens {t_source * 1e3:.1f} ms, "
-          f"new {len(new_ids)} tokens {t_new * 1e3:.1f} ms")
     return 0
 
 
