@@ -76,3 +76,13 @@ def test_11b_recipes_count_mfu_per_torch_device():
     for name in ("stage2_embeddings", "stage3_full"):
         recipe = load_recipe(REPO / "examples" / "normistral_11b" / f"{name}.yaml")
         assert recipe.logging.peak_flops_per_device == pytest.approx(191.5e12)
+
+
+def test_11b_stage_recipes_log_to_separate_runs():
+    # Stage 2 and stage 3 both count steps from 1: sharing a TensorBoard folder (or a JSON log)
+    # would overlay stage 3's first 1,000 steps on stage 2's.
+    logging = [load_recipe(REPO / "examples" / "normistral_11b" / f"{name}.yaml").logging
+               for name in ("stage2_embeddings", "stage3_full")]
+    for field in ("tensorboard_dir", "json"):
+        stage2, stage3 = (getattr(section, field) for section in logging)
+        assert stage2 and stage3 and stage2 != stage3, (field, stage2, stage3)
