@@ -3,12 +3,22 @@ exit status 2, exactly one ``error:`` line on stderr holding the expected fragme
 the reason), no traceback (megatron_normistral.tool_io)."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+def load_tool(name: str):
+    """``tools/NAME.py`` imported as a module (tools/ is not a package), to call its ``main(argv)``
+    or ``build_parser()`` in-process."""
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def run_tool_script(name: str, *args, timeout: float = 300, env: dict | None = None,

@@ -4,7 +4,6 @@ for the same weights and text; several models (other tokenizers) are scored on t
 one table; bad input fails in one line."""
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
@@ -15,16 +14,11 @@ from megatron_normistral.reporting.model_evaluation import evaluate_model, setti
 from megatron_normistral.testing.convert_workers import make_hf_checkpoint
 from megatron_normistral.testing.distributed import run_distributed
 from megatron_normistral.testing.tiny_run import prepare_tiny_data, read_log, run_pretrain, tiny_recipe
-from megatron_normistral.testing.tool_runs import REPO, error_line
+from megatron_normistral.testing.tool_runs import error_line, load_tool
 
 STEPS = 2
 
 
-def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +32,7 @@ def exported(tmp_path_factory):
     logged = {r["eval"]: r for r in read_log(recipe.logging.json) if "eval" in r and r["step"] == STEPS}
     assert sorted(logged) == ["nb", "nn"]
     hf = work / "hf"
-    assert _tool("convert_checkpoint").main(["mcore-to-hf", "--mcore", str(work / "run" / "ckpt" / f"iter_{STEPS:07d}"),
+    assert load_tool("convert_checkpoint").main(["mcore-to-hf", "--mcore", str(work / "run" / "ckpt" / f"iter_{STEPS:07d}"),
                                              "--out", str(hf), "--tokenizer", data["tokenizer"], "--dtype", "fp32"]) == 0
     return {"recipe": recipe, "data": data, "logged": logged, "hf": hf, "work": work}
 
@@ -71,7 +65,7 @@ def test_cli_scores_models_of_other_tokenizers_on_the_same_words(exported, capsy
             "--label", "exported", "--label", "tekken", "--eval", f"nb={data['heldout']['nb']}",
             "--eval", f"nn={data['heldout']['nn']}", "--max-words", "500", "--seq-length", "64",
             "--generation-tokens", "4", "--json", str(out)]
-    assert _tool("evaluate_model").main(argv) == 0
+    assert load_tool("evaluate_model").main(argv) == 0
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     assert len(table) == 1 + 4 and table[1].startswith("| exported | nb | 500 |")
     exported_model, tekken = json.loads(out.read_text())["models"]
@@ -88,7 +82,7 @@ def test_cli_scores_models_of_other_tokenizers_on_the_same_words(exported, capsy
 
 
 def test_bad_input_fails_in_one_line(exported, tmp_path, capsys):
-    tool = _tool("evaluate_model")
+    tool = load_tool("evaluate_model")
     heldout = exported["data"]["heldout"]["nb"]
 
     def fails(argv, *fragments):

@@ -3,7 +3,6 @@ micro-batches the training loop trained on (recorded through the loop's forward_
 DP=2); a corpus's counts, decoded documents and length histogram; bad input fails in one line."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -17,7 +16,7 @@ from megatron_normistral.reporting.data_inspection import corpus_documents, corp
 from megatron_normistral.testing.batch_recording import train_and_record
 from megatron_normistral.testing.distributed import run_distributed
 from megatron_normistral.testing.tiny_run import prepare_tiny_data, tiny_recipe
-from megatron_normistral.testing.tool_runs import REPO, error_line
+from megatron_normistral.testing.tool_runs import error_line, load_tool
 from megatron_normistral.tokenizer import load_tokenizer
 from megatron_normistral.tokenizer.corpus import read_documents
 
@@ -25,11 +24,6 @@ FIELDS = ("tokens", "labels", "loss_mask", "document_ids", "masked", "position_i
 STEPS = 2
 
 
-def _tool():
-    spec = importlib.util.spec_from_file_location("tool_inspect_data", REPO / "tools" / "inspect_data.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +63,7 @@ def test_mixture_samples_are_the_batches_the_loop_trained_on(trained):
 def test_cli_json_is_the_loop_batch(trained, tmp_path, capsys):
     recipe, recorded, config = trained
     out = tmp_path / "step2_rank1.json"
-    assert _tool().main(["mixture", "--config", str(config), "--step", "2", "--dp-rank", "1", "--world-size", "2",
+    assert load_tool("inspect_data").main(["mixture", "--config", str(config), "--step", "2", "--dp-rank", "1", "--world-size", "2",
                          "--json", str(out), "--histogram", str(tmp_path / "lengths.png")]) == 0
     printed = capsys.readouterr().out
     assert "step 2 (after 8 consumed samples), DP rank 1 of 2: 2 micro-batches of 2, global samples 12..15" in printed
@@ -105,7 +99,7 @@ def test_corpus_counts_documents_and_histogram(data, tmp_path, capsys):
     assert doc["text"].startswith("<s>") and doc["text"].endswith("</s>")
     assert tokenizer.decode(doc["ids"][1:-1]) == texts[3] and doc["tokens"] == int(summary.document_lengths[3])
     out = tmp_path / "lengths.png"
-    assert _tool().main(["corpus", "--prefix", nb, "--prefix", f"nynorsk={nn}", "--tokenizer", data["tokenizer"],
+    assert load_tool("inspect_data").main(["corpus", "--prefix", nb, "--prefix", f"nynorsk={nn}", "--tokenizer", data["tokenizer"],
                          "--document", "3", "--histogram", str(out), "--json", str(tmp_path / "c.json")]) == 0
     printed = capsys.readouterr().out
     assert "nynorsk" in printed and texts[3][:40] in printed
@@ -120,7 +114,7 @@ def test_corpus_counts_documents_and_histogram(data, tmp_path, capsys):
 
 def test_bad_input_fails_in_one_line(data, trained, tmp_path, capsys):
     _, _, config = trained
-    tool = _tool()
+    tool = load_tool("inspect_data")
 
     def fails(argv, *fragments):
         error_line(tool.main([str(a) for a in argv]), capsys.readouterr().err, *fragments)

@@ -2,23 +2,17 @@
 each figure drawing the series the logs hold; bad logs fail in one line."""
 from __future__ import annotations
 
-import importlib.util
 
 import pytest
 
 from megatron_normistral.reporting.run_plots import drawn_series, plot_runs, read_run_log
-from megatron_normistral.testing.tool_runs import REPO, error_line
+from megatron_normistral.testing.tool_runs import error_line, load_tool
 from megatron_normistral.training.metrics import MetricsLogger
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 LANGUAGES = ("nb", "nn", "se")
 
 
-def _tool():
-    spec = importlib.util.spec_from_file_location("tool_plot_run", REPO / "tools" / "plot_run.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _step(step: int, masked: float | None) -> dict:
@@ -51,7 +45,7 @@ def test_runs_end_to_end_with_the_expected_series(tmp_path, capsys):
     stage2 = _write_log(tmp_path / "stage2.jsonl", range(1, 11), eval_at={5, 10}, resumed_from=6)
     stage3 = _write_log(tmp_path / "stage3.jsonl", range(1, 21), eval_at={20}, masked_every=10**9)  # no masked rows
     out = tmp_path / "plots"
-    assert _tool().main(["stage2=" + str(stage2), str(stage3), "--out-dir", str(out)]) == 0
+    assert load_tool("plot_run").main(["stage2=" + str(stage2), str(stage3), "--out-dir", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "stage3: 20 steps, 3 evaluation records, steps shifted by 10" in printed
     names = ["loss", "lr", "grad_norm", "throughput", "eval_loss_per_word", "eval_masked_accuracy"]
@@ -95,12 +89,12 @@ def test_bad_logs_fail_in_one_line(tmp_path, capsys, case):
         log.write_text(content[case])
     want = {"not-json": f"{log}:2: not JSON", "no-step": f"{log}:1: a record without an integer 'step'",
             "empty": f"{log}: no step or evaluation records", "missing": f"{log}: No such file or directory"}[case]
-    rc = _tool().main([str(log), "--out-dir", str(tmp_path / "out")])
+    rc = load_tool("plot_run").main([str(log), "--out-dir", str(tmp_path / "out")])
     error_line(rc, capsys.readouterr().err, want)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
 def test_flags_are_never_abbreviated(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
-        _tool().main([str(tmp_path / "x.jsonl"), "--out-dir", str(tmp_path), "--dp", "50"])
+        load_tool("plot_run").main([str(tmp_path / "x.jsonl"), "--out-dir", str(tmp_path), "--dp", "50"])
     assert exc.value.code == 2 and "unrecognized arguments: --dp" in capsys.readouterr().err

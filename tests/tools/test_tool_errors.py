@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import importlib.util
 import json
 from pathlib import Path
 
@@ -14,21 +13,16 @@ import numpy as np
 import pytest
 
 from megatron_normistral.data.indexed import IndexedDatasetWriter
-from megatron_normistral.testing.tool_runs import REPO, error_line
+from megatron_normistral.testing.tool_runs import REPO, error_line, load_tool
 from megatron_normistral.tool_io import one_line, staged_folder
 
 CORPUS = REPO / "examples" / "data" / "corpus"
 
 
-def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _fails(capsys, name: str, argv, *fragments) -> str:
-    rc = _tool(name).main([str(a) for a in argv])
+    rc = load_tool(name).main([str(a) for a in argv])
     return error_line(rc, capsys.readouterr().err, *fragments)
 
 
@@ -48,7 +42,7 @@ ABBREVIATED = {
 @pytest.mark.parametrize("name", sorted(ABBREVIATED))
 def test_abbreviated_flags_are_refused(name, capsys):
     with pytest.raises(SystemExit) as e:
-        _tool(name).main(ABBREVIATED[name])
+        load_tool(name).main(ABBREVIATED[name])
     assert e.value.code == 2
     assert "unrecognized arguments: " + ABBREVIATED[name][-2] in capsys.readouterr().err
 
@@ -100,7 +94,7 @@ def test_tokenizer_tools_refuse_missing_inputs(tmp_path, capsys):
 def test_train_tokenizer_replaces_its_output_only_when_complete(tmp_path, capsys):
     out = tmp_path / "tok"
     args = ["--input", f"se={CORPUS / 'se.jsonl.gz'}", "--vocab-size", "400", "--output", out, "--quiet"]
-    assert _tool("train_tokenizer").main([str(a) for a in args]) == 0
+    assert load_tool("train_tokenizer").main([str(a) for a in args]) == 0
     first = (out / "tokenizer.json").read_text()
     assert json.loads(first)["model"]["type"] == "BPE"
     # A second run that fails (the vocabulary is too small) leaves the first tokenizer whole.
@@ -110,7 +104,7 @@ def test_train_tokenizer_replaces_its_output_only_when_complete(tmp_path, capsys
 
 
 def test_transfer_embeddings_publishes_its_output_only_when_complete(tmp_path, capsys, monkeypatch):
-    tool = _tool("transfer_embeddings")
+    tool = load_tool("transfer_embeddings")
     out = tmp_path / "out"
     out.mkdir()
     (out / "config.json").write_text('{"old": true}')
