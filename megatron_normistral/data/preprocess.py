@@ -66,7 +66,7 @@ import numpy as np
 from megatron_normistral import _helpers  # built at install time; no pure-Python fallback on purpose
 from megatron_normistral.data import sources
 from megatron_normistral.data.indexed import DTYPE_CODES, IndexedDatasetWriter, token_dtype_for
-from megatron_normistral.runtime.progress import ProgressMeter
+from megatron_normistral.runtime.progress import ProgressMeter, fraction_done
 from megatron_normistral.tokenizer.segment_cache import SegmentCacheNotExact, SegmentCachedEncoder
 
 
@@ -168,9 +168,7 @@ class ReadPosition:
 
     @property
     def fraction(self) -> float | None:
-        if self.total is None:
-            return None
-        return min(self.done / self.total, 1.0) if self.total > 0 else 1.0
+        return None if self.total is None else fraction_done(self.done, self.total)
 
 
 def _open(path: str) -> IO[bytes]:
@@ -559,7 +557,8 @@ def preprocess_json_keys(cfg: PreprocessConfig, keys: list[str], tokenizer=None,
             one = dataclasses.replace(cfg, json_key=key,
                                       output_prefix=megatron_output_prefix(cfg.output_prefix, key, cfg.split_sentences))
             print(f"[preprocess] key {key!r} -> {one.output_prefix}", file=log)
-            results[key] = _preprocess(one, files, tok, log, pending, meter=meter, done_before=n * pass_bytes)
+            results[key] = _preprocess(one, files, tok, log, pending, meter=meter, done_before=n * pass_bytes,
+                                       sizes=sizes)
         for writer in pending:
             writer.commit()
     except BaseException:
@@ -582,10 +581,11 @@ def _checked_inputs(patterns: list[str], keys: list[str]) -> list[str]:
 
 def _preprocess(cfg: PreprocessConfig, files: list[str], tok, log,
                 pending: list[IndexedDatasetWriter] | None = None, meter: ProgressMeter | None = None,
-                done_before: float = 0.0) -> PreprocessResult:
+                done_before: float = 0.0, sizes: list[int | None] | None = None) -> PreprocessResult:
     """The pipeline for one key. ``pending`` None: commit the outputs here; else append the
     finished (uncommitted) writers to it, for the caller to commit or abort. ``meter``: the
-    run's progress clock (default: this pass alone); ``done_before``: its bytes already done."""
+    run's progress clock (default: this pass alone); ``done_before``: its bytes already done;
+    ``sizes``: :func:`input_sizes` of ``files`` when the caller has them (one walk per run)."""
     t0 = time.perf_counter()
     eod_id = tok.eod_id if cfg.append_eod else None  # fails early if the tokenizer has no EOD
     bos_id = document_bos_id(tok, cfg.bos)
@@ -602,7 +602,7 @@ def _preprocess(cfg: PreprocessConfig, files: list[str], tok, log,
     reasons: collections.Counter = collections.Counter()
     reported = 0
     outputs = shard_prefixes(cfg.output_prefix, cfg.shards)
-    sizes = input_sizes(files)
+    sizes = sizes if sizes is not None else input_sizes(files)
     before = [sum(size or 0 for size in sizes[:fi]) for fi in range(len(files))]  # bytes of the earlier inputs
     meter = meter if meter is not None else _run_meter(cfg, sizes, passes=1)
     progress = _Progress(cfg.progress_interval, log, meter, done_before)

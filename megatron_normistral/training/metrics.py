@@ -129,9 +129,8 @@ class Progress:
             return f"/{self.total} ({step / self.total:.1%})"
         first_step, started = self._first
         elapsed, done = now - started, step - first_step - 1
-        eta = elapsed / done * (self.total - step) if done > 0 else float("nan")
-        eta_text = clock(eta) if math.isfinite(eta) else "-"
-        return f"/{self.total} ({step / self.total:.1%}) | elapsed {clock(elapsed)} | ETA {eta_text}"
+        eta = elapsed / done * (self.total - step) if done > 0 else math.nan  # clock() shows nan as "-"
+        return f"/{self.total} ({step / self.total:.1%}) | elapsed {clock(elapsed)} | ETA {clock(eta)}"
 
 
 class MetricsLogger:
