@@ -14,6 +14,8 @@ import statistics
 import time
 from pathlib import Path
 
+from megatron_normistral.reporting.run_plots import read_run_log
+
 LANGS = ["nb", "nn", "se", "sv", "da", "en"]
 TRAININGS = ("source", "stage2", "stage3")  # their step logs: logs/<name>.jsonl
 PHASES = [
@@ -32,26 +34,14 @@ INITIALISATIONS = [
 ]
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def train_records(records: list[dict]) -> list[dict]:
-    """Training lines, the last one of each step (a resumed step is logged again)."""
-    by_step = {r["step"]: r for r in records if "eval" not in r}
-    return [by_step[s] for s in sorted(by_step)]
-
-
 def evaluate_model_results(path: Path) -> dict[str, dict[str, dict]]:
     """tools/evaluate_model.py's --json: label -> language -> its figures (the keys the step
     logs' evaluation records use: loss_per_word, masked_accuracy, words, tokens)."""
     return {m["label"]: m["languages"] for m in json.loads(path.read_text())["models"]}
 
 
-def last_eval(records: list[dict]) -> dict[str, dict]:
-    evals = [r for r in records if "eval" in r]
+def last_eval(evals: list[dict]) -> dict[str, dict]:
+    """Language -> its record at the run's last evaluated step (``RunLog.evals``)."""
     if not evals:
         return {}
     last = max(r["step"] for r in evals)
@@ -304,8 +294,9 @@ Masked-token accuracy on the positions stage 3's evaluation scores in masked mod
 
 
 def write_report(run: Path, scale, timings: dict[str, tuple[float, float]], source_recipe: Path) -> None:
-    logs = {name: read_jsonl(run / "logs" / f"{name}.jsonl") for name in TRAININGS}
-    evals = {name: last_eval(records) for name, records in logs.items()}
+    # tools/plot_run.py's reader: one record per step (a resumed step's last), evaluations apart.
+    logs = {name: read_run_log(run / "logs" / f"{name}.jsonl", name) for name in TRAININGS}
+    evals = {name: last_eval(log.evals) for name, log in logs.items()}
     evals.update(evaluate_model_results(run / "logs" / "eval_init.json"))
     started, cpu_started = time.perf_counter(), time.process_time()
     claims = measure_claims(run, evals)
@@ -325,7 +316,7 @@ def write_report(run: Path, scale, timings: dict[str, tuple[float, float]], sour
     acc_rows = "\n".join(f"| {label} | " + " | ".join(fmt(accuracy[key].get(lang)) for lang in LANGS) + " |" for key, label in PHASES[1:])
     speed_rows = []
     for name in ("source", "stage2", "stage3"):
-        recs = train_records(logs[name])[1:]  # the first step includes warm-up
+        recs = logs[name].train[1:]  # the first step includes warm-up
         if recs:
             speed_rows.append(f"| {name} | {len(recs) + 1} | {statistics.median(r['tokens_per_s'] for r in recs):,.0f} | "
                               f"{statistics.median(r['step_time_s'] for r in recs):.3f} |")
